@@ -1,0 +1,5 @@
+import sys
+
+from grow.cli import main
+
+sys.exit(main())

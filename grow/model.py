@@ -1,0 +1,239 @@
+"""The denoiser stack, grown right to left, built from stock Hugging Face EuroBERT modules.
+
+    token embedding -> blocks first..L (bidirectional, pre-norm) -> final RMSNorm -> shared LM head
+
+Each block *is* a ``transformers`` ``EuroBertDecoderLayer`` (RMSNorm, RoPE, grouped-query
+attention, SwiGLU). The design card's stability kit is attached as torch parametrizations on
+the block's linear weights rather than as extra code in the forward:
+
+    W_eff = gamma * W / sigma(W)     (gamma only on the branch outputs Wo and W2)
+
+Scaling Wo and W2 by gamma is the same as the residual gain h + gamma * f(h), because each
+branch ends in that linear. When a block is frozen its parametrizations are folded into
+plain weights and the block is a stock EuroBERT layer again -- which is why an export is a
+rename of keys and reproduces the logits exactly.
+
+Block ids are 1-based and fixed: block k always belongs to noise level r_k and is stored as
+``model.layers.{k-1}`` (EuroBERT's own key names), whichever blocks exist yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm
+from transformers import EuroBertConfig
+from transformers.models.eurobert.modeling_eurobert import (
+    EuroBertDecoderLayer,
+    EuroBertRMSNorm,
+    EuroBertRotaryEmbedding,
+)
+
+from grow.config import ModelConfig, StabilityConfig
+
+# The design card's Wq, Wk, Wv, Wo, W1, W2 -- plus the SwiGLU gate.
+BLOCK_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+# The last linear of each residual branch carries the residual gain.
+BRANCH_OUTPUTS = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def hf_config(cfg: ModelConfig, vocab_size: int, special_ids: dict[str, int | None]) -> EuroBertConfig:
+    """The EuroBERT config of a grown model: the same object the export writes."""
+    return EuroBertConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_blocks,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        initializer_range=cfg.init_std,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        pad_token_id=special_ids.get("pad"),
+        bos_token_id=special_ids.get("bos"),
+        eos_token_id=special_ids.get("eos"),
+        mask_token_id=special_ids["mask"],
+        attn_implementation="sdpa",
+    )
+
+
+class ResidualGain(nn.Module):
+    """Parametrization W -> gamma * W: the residual gain of the branch this linear ends."""
+
+    def __init__(self, gamma: float) -> None:
+        super().__init__()
+        self.register_buffer("gamma", torch.tensor(float(gamma)))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.gamma.to(weight.dtype)
+
+
+def add_stability(block: nn.Module, cfg: StabilityConfig) -> None:
+    """Attach spectral norm (every linear) and the residual gain (branch outputs) to a block."""
+    for name in BLOCK_LINEARS:
+        linear = block.get_submodule(name)
+        if cfg.spectral_norm:
+            spectral_norm(linear, n_power_iterations=cfg.power_iterations)
+        if name in BRANCH_OUTPUTS and cfg.gamma != 1.0:
+            parametrize.register_parametrization(linear, "weight", ResidualGain(cfg.gamma))
+
+
+@torch.no_grad()
+def fold(block: nn.Module) -> None:
+    """Fold all parametrizations into plain weights; the block becomes a stock EuroBERT layer.
+
+    Folding happens in eval mode so the spectral norm uses its current power-iteration
+    vectors instead of taking one more step.
+    """
+    was_training = block.training
+    block.eval()
+    for name in BLOCK_LINEARS:
+        linear = block.get_submodule(name)
+        if parametrize.is_parametrized(linear, "weight"):
+            parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
+    block.train(was_training)
+
+
+def is_folded(block: nn.Module) -> bool:
+    return not any(parametrize.is_parametrized(block.get_submodule(n)) for n in BLOCK_LINEARS)
+
+
+class GrowModel(nn.Module):
+    """The design card's ``DenoiserStack``: blocks are prepended as growth runs right to left.
+
+    ``blocks`` holds the blocks that exist, left to right: ids ``first_block .. num_blocks``.
+    """
+
+    def __init__(self, config: EuroBertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_blocks = config.num_hidden_layers
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList()
+        self.norm = EuroBertRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary_emb = EuroBertRotaryEmbedding(config=config)
+        # Gradient checkpointing of frozen blocks (their activations are recomputed in backward).
+        self.checkpoint_frozen = False
+
+    # ------------------------------------------------------------------ growth
+
+    @property
+    def first_block(self) -> int:
+        """Id of the leftmost existing block (num_blocks + 1 when there is none yet)."""
+        return self.num_blocks - len(self.blocks) + 1
+
+    def new_block(self, block_id: int) -> EuroBertDecoderLayer:
+        """A freshly initialised block for position ``block_id`` (not yet attached)."""
+        block = EuroBertDecoderLayer(self.config, layer_idx=block_id - 1)
+        std = self.config.initializer_range
+        for name in BLOCK_LINEARS:
+            nn.init.normal_(block.get_submodule(name).weight, std=std)
+        return block.to(self.embed_tokens.weight.device)
+
+    def prepend_block(self, block: nn.Module) -> None:
+        """Put ``block`` left of the existing ones: it becomes block ``first_block - 1``."""
+        if self.first_block <= 1:
+            raise ValueError("all blocks already exist")
+        self.blocks.insert(0, block)
+
+    def block(self, block_id: int) -> nn.Module:
+        if not self.first_block <= block_id <= self.num_blocks:
+            raise IndexError(f"block {block_id} does not exist (blocks {self.first_block}..{self.num_blocks})")
+        return self.blocks[block_id - self.first_block]
+
+    def freeze_suffix(self, start: int) -> None:
+        """Freeze blocks ``start..L``."""
+        for block_id in range(max(start, self.first_block), self.num_blocks + 1):
+            self.block(block_id).requires_grad_(False)
+
+    def freeze_ends(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) the embedding, final norm and LM head: the fixed semantic anchor."""
+        for module in (self.embed_tokens, self.norm, self.lm_head):
+            module.requires_grad_(not frozen)
+
+    def init_ends(self) -> None:
+        std = self.config.initializer_range
+        nn.init.normal_(self.embed_tokens.weight, std=std)
+        nn.init.normal_(self.lm_head.weight, std=std)
+
+    # ------------------------------------------------------------------ forward
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward_from(
+        self, hidden: torch.Tensor, start: int | None = None, end: int | None = None
+    ) -> torch.Tensor:
+        """Run blocks ``start..end`` (inclusive, 1-based ids) on hidden states."""
+        start = self.first_block if start is None else start
+        end = self.num_blocks if end is None else end
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        rope = self.rotary_emb(hidden, position_ids=positions)
+        for block_id in range(start, end + 1):
+            block = self.block(block_id)
+            frozen = not any(p.requires_grad for p in block.parameters())
+            if self.checkpoint_frozen and frozen and torch.is_grad_enabled():
+                hidden = torch.utils.checkpoint.checkpoint(
+                    block, hidden, None, positions, None, False, rope, use_reentrant=False
+                )
+            else:
+                hidden = block(hidden, position_embeddings=rope, position_ids=positions)
+        return hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The shared LM head, tappable after any block."""
+        return self.lm_head(self.norm(hidden))
+
+    def forward(self, input_ids: torch.Tensor, start: int | None = None, end: int | None = None) -> torch.Tensor:
+        """Logits of blocks ``start..end`` (default: every existing block)."""
+        return self.head(self.forward_from(self.embed(input_ids), start, end))
+
+    # ------------------------------------------------------------------ weights
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def ends_state_dict(self) -> dict[str, torch.Tensor]:
+        """Embedding, final norm and head under EuroBertForMaskedLM's key names."""
+        return {
+            "model.embed_tokens.weight": self.embed_tokens.weight,
+            "model.norm.weight": self.norm.weight,
+            "lm_head.weight": self.lm_head.weight,
+        }
+
+    def block_state_dict(self, block_id: int) -> dict[str, torch.Tensor]:
+        """A folded block's weights under EuroBertForMaskedLM's key names."""
+        block = self.block(block_id)
+        if not is_folded(block):
+            raise ValueError(f"block {block_id} must be folded before it is stored")
+        return {f"model.layers.{block_id - 1}.{k}": v for k, v in block.state_dict().items()}
+
+    def load_ends(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(state["model.embed_tokens.weight"])
+            self.norm.weight.copy_(state["model.norm.weight"])
+            self.lm_head.weight.copy_(state["lm_head.weight"])
+
+    def load_block(self, block_id: int, state: dict[str, torch.Tensor]) -> EuroBertDecoderLayer:
+        """A folded block rebuilt from its stored weights (not yet attached)."""
+        prefix = f"model.layers.{block_id - 1}."
+        block = EuroBertDecoderLayer(self.config, layer_idx=block_id - 1)
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        block.load_state_dict(own, strict=True)
+        return block.to(self.embed_tokens.weight.device)
