@@ -168,6 +168,9 @@ class TrainConfig:
     """Print one metrics line every N steps."""
     eval_batches: int = 4
     """Held-out batches for the masked CE written into each stage's manifest."""
+    checkpoint_suffix: bool = False
+    """Gradient checkpointing of the frozen suffix: recompute its activations in backward so
+    activation memory does not grow with the suffix depth."""
 
     def __post_init__(self) -> None:
         _positive(self, "train", "batch_size", "log_every", "eval_batches")
@@ -199,6 +202,9 @@ class StabilityConfig:
     block is frozen. The card suggests 0.3-0.7; 1.0 is a plain residual."""
     grad_clip: float = 1.0
     """Clip the global gradient norm of the trainable parameters (0 = off)."""
+    consistency_weight: float = 0.0
+    """lambda of the consistency loss: MSE between block k's output and the suffix's own input
+    for the same sample at r_{k+1} (0 = off)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.gamma <= 1:
@@ -206,6 +212,78 @@ class StabilityConfig:
         _positive(self, "stability", "power_iterations")
         if self.grad_clip < 0:
             raise UserError(f"stability.grad_clip: expected >= 0, got {self.grad_clip}")
+        if self.consistency_weight < 0:
+            raise UserError(f"stability.consistency_weight: expected >= 0, got {self.consistency_weight}")
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The design card's names for the same linears.
+LORA_ALIASES = {"Wq": "q_proj", "Wk": "k_proj", "Wv": "v_proj", "Wo": "o_proj", "W1": "up_proj", "W2": "down_proj",
+                "Wg": "gate_proj"}
+
+
+@dataclass(kw_only=True)
+class QuantConfig:
+    """The frozen suffix in 4-bit (QLoRA-style), through bitsandbytes' Linear4bit."""
+
+    enabled: bool = True
+    """Run frozen blocks k+1..L as 4-bit Linear4bit layers while block k trains."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """bitsandbytes 4-bit data type."""
+    double_quant: bool = True
+    """Quantize the per-block absmax constants too (QLoRA's 4.127 bits/param)."""
+    blocksize: int = 64
+    """Weights per absmax constant."""
+    compute_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Dtype the 4-bit weights are dequantized to for the matmul."""
+    ends_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Dtype of the frozen embedding, final norm and head from stage L-1 on."""
+
+    def __post_init__(self) -> None:
+        if self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+            raise UserError(f"quant.blocksize: expected one of 64, 128, ..., 4096, got {self.blocksize}")
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """LoRA alignment adapters (peft) on the frozen suffix."""
+
+    enabled: bool = True
+    """Give frozen suffix blocks small trainable adapters."""
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / rank)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Linears that get adapters: any of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
+    (or the card's Wq Wk Wv Wo W1 W2)."""
+    blocks: int | None = None
+    """Only the N suffix blocks nearest the trained block get adapters; None = all of them."""
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise UserError(f"lora.rank: expected a positive integer, got {self.rank}")
+        if not self.alpha > 0:
+            raise UserError(f"lora.alpha: expected > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"lora.dropout: expected a probability in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise UserError("lora.targets: expected at least one target module")
+        resolved = []
+        for name in self.targets:
+            name = LORA_ALIASES.get(name, name)
+            if name not in LORA_TARGETS:
+                raise UserError(
+                    f"lora.targets: unknown target module {name!r}; expected any of {', '.join(LORA_TARGETS)} "
+                    f"or {', '.join(LORA_ALIASES)}"
+                )
+            if name not in resolved:
+                resolved.append(name)
+        self.targets = resolved
+        if self.blocks is not None and self.blocks <= 0:
+            raise UserError(f"lora.blocks: expected a positive integer or null, got {self.blocks}")
 
 
 @dataclass(kw_only=True)
@@ -233,6 +311,8 @@ class GrowConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
 
     def __post_init__(self) -> None:

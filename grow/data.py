@@ -131,6 +131,8 @@ def _load_source(cfg: DataConfig) -> datasets.Dataset:
     loader = _LOADERS.get(path.suffix.lower())
     if loader and not path.is_file():
         raise UserError(f"data.source: no such file: {path}")
+    if loader and path.stat().st_size == 0:
+        raise UserError(f"data.source: {path} is empty")
     try:
         if source == "bible":
             return datasets.load_dataset("text", data_files=str(_bible_file()), split="train", cache_dir=cache)

@@ -1,0 +1,103 @@
+"""The command line as a user meets it: train, status, resume, and one-line errors."""
+
+import pytest
+import torch
+
+from conftest import tiny_overrides, write_corpus
+from grow.cli import COMMANDS, build_parser, main
+from grow.store import list_stages
+
+
+def run_cli(*args):
+    return main([str(a) for a in args])
+
+
+def test_parser_and_command_table_agree():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == set(COMMANDS)
+
+
+def test_two_stage_run_then_status(tmp_path, corpus_file, capsys):
+    run = tmp_path / "run"
+    assert run_cli("train", "configs/tiny.yaml", "--out", run, *tiny_overrides(corpus_file)) == 0
+    out = capsys.readouterr().out
+    assert "stage 02 committed" in out and "stage 01 committed" in out
+    assert "block 2/2" in out and "loss" in out and "tok/s" in out  # metrics lines
+    assert sorted(list_stages(run, verify=True)) == [1, 2]
+    assert (run / "grow.yaml").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
+    assert run_cli("status", run, "--verify") == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.strip() and line.split()[0].isdigit()]
+    assert [r[0] for r in rows] == ["2", "1"] and all(r[-1] == "done" for r in rows)
+    assert rows[0][1] == "0.200" and rows[1][1] == "1.000"
+    assert "complete" in lines[-1]
+
+
+def test_resume_between_stages_equals_an_uninterrupted_run(tmp_path, corpus_file):
+    full, split = tmp_path / "full", tmp_path / "split"
+    sets = tiny_overrides(corpus_file, blocks=3)
+    assert run_cli("train", "configs/tiny.yaml", "--out", full, *sets) == 0
+    assert run_cli("train", "configs/tiny.yaml", "--out", split, "--stop-after", 3, *sets) == 0
+    assert sorted(list_stages(split)) == [3]
+    assert run_cli("train", "configs/tiny.yaml", "--out", split, "--resume", *sets) == 0
+    a, b = list_stages(full), list_stages(split)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for k in a:
+        wa, wb = a[k].weights(), b[k].weights()
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa), k
+        assert a[k].manifest["heldout_ce"] == b[k].manifest["heldout_ce"]
+
+
+def test_existing_out_is_not_touched_without_resume_or_overwrite(tmp_path, corpus_file, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("precious")
+    assert run_cli("train", "configs/tiny.yaml", "--out", run, *tiny_overrides(corpus_file)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("grow: error: --out:") and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in run.iterdir()] == ["keep.txt"]
+
+
+def test_resume_refuses_changed_architecture(tmp_path, corpus_file, capsys):
+    run = tmp_path / "run"
+    sets = tiny_overrides(corpus_file, blocks=2)
+    assert run_cli("train", "configs/tiny.yaml", "--out", run, "--stop-after", 2, *sets) == 0
+    capsys.readouterr()
+    assert run_cli("train", "configs/tiny.yaml", "--out", run, "--resume", *sets, "--set", "model.hidden_size=64") == 2
+    assert "model.hidden_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "make_args, match",
+    [
+        (lambda tmp, corpus: ["--set", "schedule.ratios=[0.2, 0.5]"], "schedule.ratios: must be strictly decreasing"),
+        (lambda tmp, corpus: ["--set", "stability.gamma=2"], "stability.gamma"),
+        (lambda tmp, corpus: ["--set", "model.widht=2"], "model.widht: unknown field"),
+        (lambda tmp, corpus: ["--set", f"data.source={(tmp / 'empty.txt').write_text('') or tmp / 'empty.txt'}"],
+         "data.source"),
+        (lambda tmp, corpus: ["--set", f"data.source={tmp / 'missing.txt'}"], "data.source"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, corpus_file, capsys, make_args, match):
+    run = tmp_path / "run"
+    code = run_cli("train", "configs/tiny.yaml", "--out", run, *tiny_overrides(corpus_file), *make_args(tmp_path, corpus_file))
+    err = capsys.readouterr().err
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not run.exists()
+
+
+def test_tokenizer_without_mask_token_is_refused(tmp_path, corpus_file, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    code = run_cli("train", "configs/tiny.yaml", "--out", tmp_path / "run", *tiny_overrides(corpus_file),
+                   "--set", f"data.tokenizer={tmp_path / 'tok'}")
+    assert code == 2 and "data.tokenizer" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_status_of_a_non_run(tmp_path, capsys):
+    assert run_cli("status", tmp_path) == 2
+    assert "not a grow run" in capsys.readouterr().err

@@ -1,0 +1,126 @@
+"""Model, stages and the stage store: the right-to-left growth mechanics."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from grow.config import StabilityConfig
+from grow.model import GrowModel, add_stability, fold, hf_config, is_folded
+from grow.stages import build_model, grow_run, restore_suffix, stage_specs, train_stage
+from grow.store import INDEX, MANIFEST, list_stages, read_stage, stage_dir, stage_problem, sha256_file
+
+
+def small_model(blocks=3):
+    from grow.config import ModelConfig
+
+    cfg = ModelConfig(num_blocks=blocks, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    return GrowModel(hf_config(cfg, 50, {"mask": 2, "pad": 0, "eos": 1}))
+
+
+def test_prepend_freeze_and_tap_api():
+    torch.manual_seed(0)
+    model = small_model(3)
+    model.init_ends()
+    assert model.first_block == 4
+    for k in (3, 2):
+        block = model.new_block(k)
+        model.prepend_block(block)
+        assert model.first_block == k and model.block(k) is block
+    model.freeze_suffix(3)
+    assert not any(p.requires_grad for p in model.block(3).parameters())
+    assert all(p.requires_grad for p in model.block(2).parameters())
+    ids = torch.randint(0, 50, (2, 8))
+    h = model.forward_from(model.embed(ids), start=2, end=2)
+    assert torch.allclose(model.head(model.forward_from(h, start=3)), model(ids, start=2), atol=1e-6)
+    assert model(ids, start=3).shape == (2, 8, 50)  # tap the head after the suffix alone
+    with pytest.raises(IndexError):
+        model.block(1)
+
+
+def test_fold_preserves_the_function_and_makes_a_stock_layer():
+    torch.manual_seed(0)
+    model = small_model(1)
+    model.init_ends()
+    block = model.new_block(1)
+    add_stability(block, StabilityConfig(gamma=0.4, power_iterations=2))
+    model.prepend_block(block)
+    ids = torch.randint(0, 50, (2, 8))
+    model.train()
+    model(ids)  # one power iteration in training mode
+    model.eval()
+    before = model(ids)
+    assert not is_folded(block)
+    fold(block)
+    assert is_folded(block)
+    assert torch.allclose(before, model(ids), atol=1e-6)
+    # Spectral norm then gain: the largest singular value of a branch output is gamma.
+    sigma = torch.linalg.matrix_norm(block.self_attn.o_proj.weight, ord=2)
+    assert abs(sigma.item() - 0.4) < 0.05
+    assert set(block.state_dict()) == set(model.load_block(1, model.block_state_dict(1)).state_dict())
+
+
+def test_stage_trains_only_its_block_and_leaves_the_suffix_bitwise_unchanged(tiny_corpus):
+    cfg, corpus = tiny_corpus
+    model = build_model(cfg, corpus.tokenizer)
+    first, second = stage_specs(cfg)
+    assert (first.block, first.trains_ends, second.block, second.trains_ends) == (2, True, 1, False)
+    train_stage(model, first, corpus, cfg, torch.device("cpu"), log=lambda s: None)
+    frozen = {k: v.clone() for k, v in {**model.block_state_dict(2), **model.ends_state_dict()}.items()}
+    _, ce = train_stage(model, second, corpus, cfg, torch.device("cpu"), log=lambda s: None)
+    after = {**model.block_state_dict(2), **model.ends_state_dict()}
+    for name, tensor in frozen.items():
+        assert torch.equal(tensor, after[name]), name
+    assert ce > 0 and model.first_block == 1
+
+
+def test_run_directory_layout_and_manifest(tmp_path, corpus_file):
+    cfg = tiny_config(corpus_file)
+    from grow.data import load_corpus
+
+    run = tmp_path / "run"
+    run.mkdir()
+    corpus = load_corpus(cfg.data, run / "tokenizer", 0, log=lambda s: None)
+    grow_run(cfg, run, corpus, log=lambda s: None)
+    stages = list_stages(run, verify=True)
+    assert sorted(stages) == [1, 2]
+    tokenizer_files = {"tokenizer.json", "tokenizer_config.json"}
+    for k, stage in stages.items():
+        files = {p.name for p in stage.path.iterdir()}
+        assert files == {"model.safetensors", INDEX, MANIFEST} | tokenizer_files, files
+        m = stage.manifest
+        assert m["block"] == k and m["ratio"] == cfg.ratios()[k - 1] and m["steps"] == cfg.steps_for(k)
+        assert m["tokens_seen"] == cfg.steps_for(k) * cfg.train.batch_size * cfg.data.seq_len
+        assert m["heldout_ce"] > 0 and m["config"]["model"]["num_blocks"] == 2 and "torch" in m["versions"]
+        assert set(m["files"]) == files - {MANIFEST}
+        for name, entry in m["files"].items():
+            assert sha256_file(stage.path / name) == entry["sha256"]
+    weights2, weights1 = stages[2].weights(), stages[1].weights()
+    assert "model.embed_tokens.weight" in weights2 and "lm_head.weight" in weights2
+    assert all(k.startswith("model.layers.0.") for k in weights1)
+    # A rebuilt model computes exactly what the stored stages say.
+    model = build_model(cfg, corpus.tokenizer)
+    restore_suffix(model, stages)
+    assert model.first_block == 1 and torch.equal(model.block(1).mlp.up_proj.weight,
+                                                   weights1["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_a_stage_without_manifest_or_with_a_bad_hash_does_not_exist(tmp_path, corpus_file):
+    cfg = tiny_config(corpus_file, blocks=1)
+    from grow.data import load_corpus
+
+    run = tmp_path / "run"
+    run.mkdir()
+    grow_run(cfg, run, load_corpus(cfg.data, run / "tokenizer", 0, log=lambda s: None), log=lambda s: None)
+    path = stage_dir(run, 1)
+    assert read_stage(path) is not None
+    shard = path / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit inside the tensor data
+    shard.write_bytes(bytes(data))
+    assert "sha256" in stage_problem(path) and list_stages(run, verify=True) == {}
+    shard.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+    assert "bytes" in stage_problem(path, verify=False)
+    (path / MANIFEST).unlink()
+    assert stage_problem(path) == "no manifest (incomplete write)"
