@@ -131,11 +131,115 @@ def cmd_status(args: argparse.Namespace) -> None:
         print("complete: every block is grown")
 
 
+# ------------------------------------------------------------------------ plan
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    import json
+
+    from grow.config import load_config
+    from grow.plan import plan, read_deepspeed, render
+    from grow.units import parse_bytes
+
+    cfg = load_config(args.config)
+    try:
+        gpu_memory = parse_bytes(args.gpu_memory)
+    except ValueError as exc:
+        raise UserError(f"--gpu-memory: {exc}") from None
+    if args.grad_ckpt not in (None, "on", "off"):
+        raise UserError(f"--grad-ckpt: expected on or off, got {args.grad_ckpt!r}")
+    result = plan(
+        cfg, gpus=args.gpus, gpu_memory=gpu_memory,
+        deepspeed=read_deepspeed(args.deepspeed) if args.deepspeed else None,
+        micro_batch=args.micro_batch, seq_len=args.seq_len,
+        grad_ckpt=None if args.grad_ckpt is None else args.grad_ckpt == "on", throughput=args.throughput,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else render(result))
+
+
+# ------------------------------------------------------------------------ sample
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from grow.engine import resolve_device
+    from grow.inference import load_denoiser
+    from grow.sample import animate, generate, prompt_batch, to_json
+
+    device = resolve_device(args.device)
+    loaded = load_denoiser(args.model, device)
+    tokenizer = loaded.tokenizer
+    ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"] if args.prompt else []
+    prompt = prompt_batch(ids, args.num_samples, device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    options = {"steps": args.steps, "temperature": args.temperature, "top_p": args.top_p,
+               "threshold": args.threshold, "remask": args.remask, "block_length": args.block_length,
+               "context": args.context}
+    start = time.perf_counter()
+    result = generate(loaded.model, prompt, args.length, args.mode, mask_id=loaded.mask_id, ratios=loaded.ratios,
+                      generator=generator, **options)
+    seconds = time.perf_counter() - start
+    if args.json:
+        record = to_json(result, tokenizer, seconds=seconds, model=str(args.model), source=loaded.source,
+                         mode=args.mode, prompt=args.prompt, length=args.length, seed=args.seed, options=options)
+        print(json.dumps(record))
+        return
+    if args.show and sys.stdout.isatty():
+        animate(result, tokenizer, loaded.mask_id, sys.stdout)
+        for row in result.tokens[1:].tolist():
+            print(tokenizer.decode(row, skip_special_tokens=True))
+        return
+    for i, row in enumerate(result.tokens.tolist()):
+        if i:
+            print("---")
+        print(tokenizer.decode(row, skip_special_tokens=True))
+
+
+# ------------------------------------------------------------------------ eval
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from grow.engine import resolve_device
+    from grow.evaluate import (DEFAULT_GRID, evaluate_denoiser, format_report, heldout_for, parse_ratios,
+                               plot_report)
+    from grow.inference import load_denoiser
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    grid = parse_ratios(args.ratios) if args.ratios else list(DEFAULT_GRID)
+    if args.samples < 0:
+        raise UserError(f"--samples: expected >= 0 samples per sampler, got {args.samples}")
+    device = resolve_device(args.device)
+    loaded = load_denoiser(args.model, device, log=log)
+    heldout, seed = heldout_for(loaded, args.data, seed=args.seed, log=log)
+    run_cfg = loaded.config
+    batches = args.batches or (run_cfg.train.eval_batches if run_cfg else 4)
+    batch_size = args.batch_size or (run_cfg.train.batch_size if run_cfg else 16)
+    report = evaluate_denoiser(loaded, heldout, grid=grid, batches=batches, batch_size=batch_size, seed=seed,
+                               samples=args.samples, steps=args.steps, log=log)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        log(f"eval: wrote {args.json}")
+    if args.plot:
+        plot_report(report, args.plot)
+        log(f"eval: wrote {args.plot}")
+
+
 # ------------------------------------------------------------------------ parser
 
 COMMANDS = {
     "train": cmd_train,
     "status": cmd_status,
+    "sample": cmd_sample,
+    "eval": cmd_eval,
+    "plan": cmd_plan,
 }
 
 
@@ -164,6 +268,71 @@ def build_parser() -> argparse.ArgumentParser:
                        "size on disk, and what a resume would do next.")
     p.add_argument("run", metavar="RUN", help="run directory")
     p.add_argument("--verify", action="store_true", help="also check every file's sha256 against its manifest")
+
+    p = sub.add_parser("plan", help="memory, FLOPs and wall time of every stage, without a GPU",
+                       description="Plan each stage of CONFIG: trainable parameters, per-GPU bytes of weights, "
+                       "grads and optimizer after ZeRO, the NF4 suffix, LoRA, ends, activations (with and without "
+                       "checkpointing of the suffix), whether it fits, FLOPs per token and the wall time. "
+                       "Pure arithmetic: runs in seconds for any shape.")
+    p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
+    p.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs (default 1)")
+    p.add_argument("--gpu-memory", default="80GiB", metavar="SIZE", help="memory per GPU (default 80GiB)")
+    p.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config: ZeRO stage, offload, bf16 "
+                   "(default: plain PyTorch, nothing partitioned)")
+    p.add_argument("--micro-batch", type=int, metavar="B", help="sequences per GPU per forward (default: the "
+                   "JSON's train_micro_batch_size_per_gpu, else train.batch_size / N)")
+    p.add_argument("--seq-len", type=int, metavar="T", help="tokens per sequence (default data.seq_len)")
+    p.add_argument("--grad-ckpt", metavar="on|off", help="checkpoint the frozen suffix (default "
+                   "train.checkpoint_suffix)")
+    p.add_argument("--throughput", type=float, metavar="TFLOPS", help="sustained TFLOPS per GPU, for a wall time")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    p = sub.add_parser("sample", help="generate text from a run or an exported model",
+                       description="Generate --length tokens after --prompt with one of the samplers: depth (one "
+                       "forward pass, block k = reverse step k), suffix (step k reruns blocks k..L), iterative "
+                       "(full stack, --steps steps) or semi-ar (block by block with a prefix KV cache).")
+    p.add_argument("model", metavar="RUN_OR_EXPORT", help="run directory or exported model directory")
+    p.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: none)")
+    p.add_argument("--length", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
+    p.add_argument("--mode", choices=("depth", "suffix", "iterative", "semi-ar"), default="depth",
+                   help="sampler (default depth)")
+    p.add_argument("--steps", type=int, metavar="S", help="denoising steps: iterative (default --length) or per "
+                   "semi-ar block (default --block-length); depth/suffix take theirs from the schedule")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 = argmax (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--threshold", type=float, metavar="C", help="iterative/semi-ar: also unmask every position "
+                   "whose confidence is >= C")
+    p.add_argument("--remask", type=float, default=0.0, metavar="F", help="iterative/semi-ar: re-mask this "
+                   "fraction of the least confident generated tokens per step, decaying to 0 (default 0)")
+    p.add_argument("--block-length", type=int, default=32, metavar="N", help="semi-ar: tokens per block (default 32)")
+    p.add_argument("--context", type=int, metavar="N", help="semi-ar: generated tokens kept in view besides the "
+                   "prompt (default: as many as fit)")
+    p.add_argument("--num-samples", type=int, default=1, metavar="B", help="samples generated as one batch")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when present")
+    p.add_argument("--show", action="store_true", help="animate the masks resolving (only on a terminal)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: samples, per-step trace, timing")
+
+    p = sub.add_parser("eval", help="held-out masked CE per noise level and stage, ELBO, sampler statistics",
+                       description="Measure a run or export: held-out masked CE of the full stack at each r_k and "
+                       "on a grid of ratios, one curve per stage (blocks k..L), the MDLM ELBO (bits per token, "
+                       "perplexity bound), and per sampler: distinct-1/2, repetition, mean length, tokens/s.")
+    p.add_argument("model", metavar="RUN_OR_EXPORT", help="run directory or exported model directory")
+    p.add_argument("--ratios", metavar="R1,R2,...", help="mask ratios of the grid (default 0.1,0.2,...,1.0)")
+    p.add_argument("--batches", type=int, metavar="N", help="held-out batches per measurement (default: the "
+                   "run's train.eval_batches, else 4)")
+    p.add_argument("--batch-size", type=int, metavar="B", help="sequences per batch (default: the run's "
+                   "train.batch_size, else 16)")
+    p.add_argument("--data", metavar="PATH_OR_bible", help="held-out text: a run's own corpus by default, "
+                   "the bible for an export")
+    p.add_argument("--samples", type=int, default=4, metavar="N", help="samples per sampler for statistics and "
+                   "throughput (0 = skip; default 4)")
+    p.add_argument("--steps", type=int, default=64, metavar="S", help="iterative/semi-ar steps for the samples "
+                   "(default 64)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of an export's split and masks")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when present")
+    p.add_argument("--json", metavar="FILE", help="write the whole report as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="plot CE against noise level, one curve per stage")
     return parser
 
 

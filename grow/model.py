@@ -113,10 +113,19 @@ def is_folded(block: nn.Module) -> bool:
     return not any(parametrize.is_parametrized(block.get_submodule(n)) for n in BLOCK_LINEARS)
 
 
+class NotGrown(nn.Module):
+    """Placeholder for a block that does not exist yet (growth has not reached it)."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this block has not been grown yet")
+
+
 class GrowModel(nn.Module):
     """The design card's ``DenoiserStack``: blocks are prepended as growth runs right to left.
 
-    ``blocks`` holds the blocks that exist, left to right: ids ``first_block .. num_blocks``.
+    ``blocks[k - 1]`` is block k, always: module names (and so peft adapter keys and
+    checkpoint keys) do not shift when a block is prepended. Blocks left of ``first_block``
+    are ``NotGrown`` placeholders.
     """
 
     def __init__(self, config: EuroBertConfig) -> None:
@@ -124,19 +133,20 @@ class GrowModel(nn.Module):
         self.config = config
         self.num_blocks = config.num_hidden_layers
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = nn.ModuleList()
+        self.blocks = nn.ModuleList([NotGrown() for _ in range(self.num_blocks)])
         self.norm = EuroBertRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary_emb = EuroBertRotaryEmbedding(config=config)
-        # Gradient checkpointing of frozen blocks (their activations are recomputed in backward).
-        self.checkpoint_frozen = False
+        # Blocks with id >= checkpoint_from recompute their activations in backward (the suffix).
+        self.checkpoint_from: int | None = None
 
     # ------------------------------------------------------------------ growth
 
     @property
     def first_block(self) -> int:
         """Id of the leftmost existing block (num_blocks + 1 when there is none yet)."""
-        return self.num_blocks - len(self.blocks) + 1
+        grown = [i for i, b in enumerate(self.blocks) if not isinstance(b, NotGrown)]
+        return grown[0] + 1 if grown else self.num_blocks + 1
 
     def new_block(self, block_id: int) -> EuroBertDecoderLayer:
         """A freshly initialised block for position ``block_id`` (not yet attached)."""
@@ -150,12 +160,12 @@ class GrowModel(nn.Module):
         """Put ``block`` left of the existing ones: it becomes block ``first_block - 1``."""
         if self.first_block <= 1:
             raise ValueError("all blocks already exist")
-        self.blocks.insert(0, block)
+        self.blocks[self.first_block - 2] = block
 
     def block(self, block_id: int) -> nn.Module:
         if not self.first_block <= block_id <= self.num_blocks:
             raise IndexError(f"block {block_id} does not exist (blocks {self.first_block}..{self.num_blocks})")
-        return self.blocks[block_id - self.first_block]
+        return self.blocks[block_id - 1]
 
     def freeze_suffix(self, start: int) -> None:
         """Freeze blocks ``start..L``."""
@@ -175,7 +185,9 @@ class GrowModel(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+        # The frozen embedding may be stored in 16-bit (quant.ends_dtype); blocks run in the
+        # dtype of the final norm, which always matches the training precision.
+        return self.embed_tokens(input_ids).to(self.norm.weight.dtype)
 
     def forward_from(
         self, hidden: torch.Tensor, start: int | None = None, end: int | None = None
@@ -187,8 +199,8 @@ class GrowModel(nn.Module):
         rope = self.rotary_emb(hidden, position_ids=positions)
         for block_id in range(start, end + 1):
             block = self.block(block_id)
-            frozen = not any(p.requires_grad for p in block.parameters())
-            if self.checkpoint_frozen and frozen and torch.is_grad_enabled():
+            suffix = self.checkpoint_from is not None and block_id >= self.checkpoint_from
+            if suffix and torch.is_grad_enabled():
                 hidden = torch.utils.checkpoint.checkpoint(
                     block, hidden, None, positions, None, False, rope, use_reentrant=False
                 )
@@ -198,7 +210,7 @@ class GrowModel(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The shared LM head, tappable after any block."""
-        return self.lm_head(self.norm(hidden))
+        return self.lm_head(self.norm(hidden).to(self.lm_head.weight.dtype))
 
     def forward(self, input_ids: torch.Tensor, start: int | None = None, end: int | None = None) -> torch.Tensor:
         """Logits of blocks ``start..end`` (default: every existing block)."""

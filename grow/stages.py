@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 import grow
 from grow.config import GrowConfig
@@ -29,8 +30,11 @@ from grow.data import Corpus, batch_positions
 from grow.engine import PlainEngine, autocast, resolve_device, run_loop
 from grow.errors import UserError
 from grow.evaluate import heldout_ce
+from grow.memory import peak_bytes, reset_peak, stage_account
 from grow.model import GrowModel, add_stability, fold, hf_config
 from grow.noise import TRAIN_SALT, corrupt, mask_scores, masked_ce, nested_mask
+from grow.quant import (ADAPTER_WEIGHTS, add_adapter, cast_ends, load_adapter_state, quantize_block,
+                        set_adapter_trainable, write_adapters)
 from grow.store import Stage, list_stages, write_stage
 
 Log = Callable[[str], None]
@@ -77,12 +81,41 @@ def build_model(cfg: GrowConfig, tokenizer) -> GrowModel:
     return GrowModel(hf_config(cfg.model, vocab, special_ids(tokenizer)))
 
 
-def restore_suffix(model: GrowModel, stages: dict[int, Stage]) -> None:
-    """Attach the stored blocks (folded, frozen) and ends of a run, rightmost first."""
+def prepare_suffix_block(model: GrowModel, block_id: int, cfg: GrowConfig, device: torch.device) -> None:
+    """Turn freshly frozen block ``block_id`` into a suffix block: 4-bit, with a LoRA adapter.
+
+    Runs at the start of stage ``block_id - 1`` (and for every stored suffix block on
+    restore), always in this order, so fresh and resumed runs build identical models.
+    """
+    if cfg.quant.enabled:
+        quantize_block(model.block(block_id), cfg.quant, device)
+    if block_id == model.num_blocks:
+        cast_ends(model, cfg.quant)
+    if cfg.lora.enabled:
+        add_adapter(model, block_id, cfg.lora)
+
+
+def restore_suffix(model: GrowModel, stages: dict[int, Stage], cfg: GrowConfig, device: torch.device) -> None:
+    """Rebuild the state right after the leftmost stored stage: blocks, 4-bit suffix, adapters.
+
+    The stages must be a contiguous suffix j..L. Block j stays in full precision (it is
+    quantized when stage j-1 starts); j+1..L are rebuilt from their stored full-precision
+    weights and get the adapters stored by stage j.
+    """
     L = model.num_blocks
+    first = min(stages)
+    missing = [k for k in range(first, L + 1) if k not in stages]
+    if missing:
+        raise UserError(f"RUN: stages {missing} are missing or invalid between block {first} and {L}")
     model.load_ends(stages[L].weights())
-    for block_id in range(L, min(stages) - 1, -1):
-        model.prepend_block(model.load_block(block_id, stages[block_id].weights()))
+    model.freeze_ends(True)
+    for block_id in range(L, first - 1, -1):
+        model.prepend_block(model.load_block(block_id, stages[block_id].weights()).to(device))
+        model.block(block_id).requires_grad_(False)
+    for block_id in range(L, first, -1):
+        prepare_suffix_block(model, block_id, cfg, device)
+    if cfg.lora.enabled and first < L:
+        load_adapter_state(model, load_file(stages[first].path / ADAPTER_WEIGHTS, device=str(device)))
 
 
 def versions() -> dict[str, str]:
@@ -108,38 +141,58 @@ def train_stage(
 ) -> tuple[dict, float]:
     """Prepend and train block ``spec.block``; returns (loop record as dict, held-out CE at r_k)."""
     seed_everything(cfg.train.seed, spec.block)
+    L = model.num_blocks
     if spec.trains_ends:
         model.init_ends()
+    else:
+        prepare_suffix_block(model, spec.block + 1, cfg, device)
     model.freeze_suffix(spec.block + 1)
     model.freeze_ends(not spec.trains_ends)
     block = model.new_block(spec.block)
     add_stability(block, cfg.stability)
     model.prepend_block(block)
+    block.requires_grad_(True)
+    adapters = set_adapter_trainable(model, spec.block, cfg.lora) if cfg.lora.enabled else []
+    model.checkpoint_from = spec.block + 1 if cfg.train.checkpoint_suffix else None
     model.train()
 
     params = list(model.trainable_parameters())
     engine = PlainEngine(params, cfg, spec.steps)
     mask_id = corpus.mask_token_id
     B, T = cfg.train.batch_size, corpus.train.shape[1]
+    next_ratio = cfg.ratios()[spec.block] if spec.block < L else None
+    consistency = cfg.stability.consistency_weight if next_ratio is not None else 0.0
+    reset_peak(device)
 
     def loss_fn(step: int) -> torch.Tensor:
         sample_ids, epochs = batch_positions(len(corpus.train), step, B, cfg.train.seed, stream=spec.block)
         ids = corpus.train[torch.from_numpy(sample_ids)].to(device)
         # The mask key ignores the stage, so a sample's masks are nested across stages.
         keys = epochs * len(corpus.train) + sample_ids
-        mask = nested_mask(mask_scores(keys, T, cfg.train.seed, TRAIN_SALT), spec.ratio).to(device)
+        scores = mask_scores(keys, T, cfg.train.seed, TRAIN_SALT)
+        mask = nested_mask(scores, spec.ratio).to(device)
         with autocast(cfg, device):
-            hidden = model.forward_from(model.embed(corrupt(ids, mask, mask_id)), start=spec.block)
+            after_k = model.forward_from(model.embed(corrupt(ids, mask, mask_id)), start=spec.block, end=spec.block)
+            hidden = model.forward_from(after_k, start=spec.block + 1)
             # The head only where the loss is: at r=0.15 that is 7x fewer head FLOPs.
-            logits = model.head(hidden[mask])
-        return masked_ce(logits, ids[mask])
+            loss = masked_ce(model.head(hidden[mask]), ids[mask])
+            if consistency:
+                # What the suffix was trained on as its input: the same sample at r_{k+1}
+                # (the nested mask), embedded. Block k learns one reverse step in that space.
+                lighter = nested_mask(scores, next_ratio).to(device)
+                target = model.embed(corrupt(ids, lighter, mask_id)).detach()
+                loss = loss + consistency * torch.nn.functional.mse_loss(after_k.float(), target.float())
+        return loss
 
     label = f"block {spec.block}/{model.num_blocks} r={spec.ratio:.3f}"
     record = run_loop(
         engine, loss_fn, steps=spec.steps, tokens_per_step=B * T, label=label, log=log,
         log_every=cfg.train.log_every, metrics_file=metrics_file,
     )
+    account = {**stage_account(model, spec.block, engine.optimizer), **peak_bytes(device),
+               "trainable_adapter_blocks": adapters}
     del engine
+    model.checkpoint_from = None
     fold(block)
     block.requires_grad_(False)
     model.freeze_ends(True)
@@ -149,7 +202,7 @@ def train_stage(
             lambda x: model(x, start=spec.block), corpus.heldout, spec.ratio, mask_token_id=mask_id,
             seed=cfg.train.seed, batch_size=B, batches=cfg.train.eval_batches, device=device,
         )
-    return {"losses": record.losses, "tokens": record.tokens, "seconds": record.seconds}, ce
+    return {"losses": record.losses, "tokens": record.tokens, "seconds": record.seconds, "memory": account}, ce
 
 
 def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after: int | None = None) -> None:
@@ -158,9 +211,9 @@ def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after
     model = build_model(cfg, corpus.tokenizer).to(device)
     stages = list_stages(run, verify=True)
     if stages:
-        restore_suffix(model, stages)
+        restore_suffix(model, stages, cfg, device)
         log(f"resuming: blocks {min(stages)}..{cfg.model.num_blocks} restored from {run}")
-        model.to(device)
+    L = cfg.model.num_blocks
     for spec in stage_specs(cfg):
         if spec.block in stages:
             continue
@@ -175,6 +228,7 @@ def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after
             "heldout_ce": ce,
             "final_train_loss": record["losses"][-1],
             "train_seconds": record["seconds"],
+            "memory": record["memory"],
             "data": {
                 "source": cfg.data.source,
                 "train_sequences": int(corpus.train.shape[0]),
@@ -185,8 +239,9 @@ def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after
             "config": cfg.to_dict(),
             "versions": versions(),
         }
+        writers = [lambda d: write_adapters(model, cfg.lora, d)] if cfg.lora.enabled and spec.block < L else []
         write_stage(run, spec.block, weights, manifest, max_shard_size=cfg.store.max_shard_size,
-                    tokenizer=corpus.tokenizer)
+                    tokenizer=corpus.tokenizer, extra_writers=writers)
         log(f"stage {spec.block:02d} committed: held-out masked CE at r={spec.ratio:.3f} is {ce:.4f} "
             f"({record['seconds']:.1f} s)")
         if stop_after is not None and spec.block == stop_after:

@@ -25,6 +25,9 @@ def format_bytes(n: float) -> str:
     """Binary units, three significant digits: 1536 -> '1.50 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+            if unit == "B":
+                return f"{n:.0f} B"
+            # 3 significant digits, but never scientific notation for 1000..1023.
+            return f"{n:.0f} {unit}" if abs(n) >= 100 else f"{n:.3g} {unit}"
         n /= 1024
     raise AssertionError("unreachable")

@@ -61,17 +61,45 @@ def test_fold_preserves_the_function_and_makes_a_stock_layer():
     assert set(block.state_dict()) == set(model.load_block(1, model.block_state_dict(1)).state_dict())
 
 
-def test_stage_trains_only_its_block_and_leaves_the_suffix_bitwise_unchanged(tiny_corpus):
-    cfg, corpus = tiny_corpus
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("quant", [True, False])
+def test_stage_trains_only_block_k_and_adapters_and_leaves_the_suffix_bitwise_unchanged(tmp_path, corpus_file, quant):
+    from grow.data import load_corpus
+    from grow.quant import adapter_blocks, is_quantized
+
+    cfg = tiny_config(corpus_file, blocks=3, extra=[f"quant.enabled={str(quant).lower()}"])
+    corpus = load_corpus(cfg.data, tmp_path / "tok", 0, log=lambda s: None)
     model = build_model(cfg, corpus.tokenizer)
-    first, second = stage_specs(cfg)
-    assert (first.block, first.trains_ends, second.block, second.trains_ends) == (2, True, 1, False)
-    train_stage(model, first, corpus, cfg, torch.device("cpu"), log=lambda s: None)
-    frozen = {k: v.clone() for k, v in {**model.block_state_dict(2), **model.ends_state_dict()}.items()}
-    _, ce = train_stage(model, second, corpus, cfg, torch.device("cpu"), log=lambda s: None)
-    after = {**model.block_state_dict(2), **model.ends_state_dict()}
+    s3, s2, s1 = stage_specs(cfg)
+    assert (s3.block, s3.trains_ends, s1.block, s1.trains_ends) == (3, True, 1, False)
+    cpu = torch.device("cpu")
+    train_stage(model, s3, corpus, cfg, cpu, log=lambda s: None)
+    record, _ = train_stage(model, s2, corpus, cfg, cpu, log=lambda s: None)
+    assert is_quantized(model.block(3)) == quant and not is_quantized(model.block(2))
+    frozen = {k: v for k, v in _snapshot(model.block(3)).items() if "lora_" not in k}
+    ends = {k: v.clone() for k, v in model.ends_state_dict().items()}
+    adapter3 = {k: v for k, v in _snapshot(model.block(3)).items() if "lora_" in k}
+    record, ce = train_stage(model, s1, corpus, cfg, cpu, log=lambda s: None)
+    after = _snapshot(model.block(3))
     for name, tensor in frozen.items():
-        assert torch.equal(tensor, after[name]), name
+        assert torch.equal(tensor, after[name]), name  # 4-bit data and quant state untouched
+    for name, tensor in ends.items():
+        assert torch.equal(tensor, model.ends_state_dict()[name]), name
+    assert any(not torch.equal(v, after[k]) for k, v in adapter3.items())  # the adapter did learn
+    assert adapter_blocks(model) == [2, 3]
+    block_params = sum(p.numel() for p in model.block(1).parameters())
+    adapter_params = sum(p.numel() for k in (2, 3) for n, p in model.block(k).named_parameters() if "lora_" in n)
+    memory = record["memory"]
+    assert memory["trainable_params"] == block_params + adapter_params
+    assert memory["adapters"]["trainable_params"] == adapter_params
+    assert memory["block"]["params"] == block_params
+    assert memory["optimizer_state"]["bytes"] == 2 * 4 * (block_params + adapter_params)  # AdamW m, v in fp32
+    if quant:
+        # Far below fp32 even at width 32, where the per-layer code tables still weigh in.
+        assert memory["suffix_4bit"]["params"] > 0 and memory["suffix_4bit"]["bytes_per_param"] < 1.5
     assert ce > 0 and model.first_block == 1
 
 
@@ -86,9 +114,11 @@ def test_run_directory_layout_and_manifest(tmp_path, corpus_file):
     stages = list_stages(run, verify=True)
     assert sorted(stages) == [1, 2]
     tokenizer_files = {"tokenizer.json", "tokenizer_config.json"}
+    adapter_files = {"adapter_config.json", "adapter_model.safetensors"}
     for k, stage in stages.items():
         files = {p.name for p in stage.path.iterdir()}
-        assert files == {"model.safetensors", INDEX, MANIFEST} | tokenizer_files, files
+        expected = {"model.safetensors", INDEX, MANIFEST} | tokenizer_files | (adapter_files if k < 2 else set())
+        assert files == expected, files
         m = stage.manifest
         assert m["block"] == k and m["ratio"] == cfg.ratios()[k - 1] and m["steps"] == cfg.steps_for(k)
         assert m["tokens_seen"] == cfg.steps_for(k) * cfg.train.batch_size * cfg.data.seq_len
@@ -101,7 +131,7 @@ def test_run_directory_layout_and_manifest(tmp_path, corpus_file):
     assert all(k.startswith("model.layers.0.") for k in weights1)
     # A rebuilt model computes exactly what the stored stages say.
     model = build_model(cfg, corpus.tokenizer)
-    restore_suffix(model, stages)
+    restore_suffix(model, stages, cfg, torch.device("cpu"))
     assert model.first_block == 1 and torch.equal(model.block(1).mlp.up_proj.weight,
                                                    weights1["model.layers.0.mlp.up_proj.weight"])
 

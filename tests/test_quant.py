@@ -1,0 +1,150 @@
+"""The 4-bit suffix (bitsandbytes) and LoRA adapters (peft): real layers, no mocks."""
+
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from grow.config import ModelConfig, QuantConfig, StabilityConfig
+from grow.errors import UserError
+from grow.memory import fourbit_account, fourbit_linears
+from grow.model import GrowModel, add_stability, fold, hf_config
+from grow.quant import quantize_block
+
+
+def _model(hidden, blocks=2, vocab=64):
+    cfg = ModelConfig(num_blocks=blocks, hidden_size=hidden, num_heads=4, intermediate_size=hidden * 3)
+    return GrowModel(hf_config(cfg, vocab, {"mask": 2, "pad": 0, "eos": 1}))
+
+
+def _folded_block(model, k=1):
+    block = model.new_block(k)
+    add_stability(block, StabilityConfig())
+    model.prepend_block(block)
+    fold(block)
+    return block
+
+
+def test_double_quantized_nf4_costs_qlora_bits_on_wide_layers():
+    torch.manual_seed(0)
+    model = _model(512)
+    block = _folded_block(model)
+    quantize_block(block, QuantConfig(), torch.device("cpu"))
+    account = fourbit_account(fourbit_linears(block))
+    # 4 bits + an 8-bit absmax per 64 weights + fp32 per 256 absmax = 4.127 bits = 0.5159 B;
+    # bitsandbytes also keeps ~1.1 KB of code tables per layer, negligible at this width.
+    assert account["params"] == sum(p.numel() for n, p in _model(512).new_block(1).named_parameters() if "proj" in n)
+    assert 0.5159 <= account["bytes_per_param"] <= 0.53
+
+
+def test_without_double_quant_costs_more():
+    torch.manual_seed(0)
+    a, b = _folded_block(_model(256)), _folded_block(_model(256))
+    quantize_block(a, QuantConfig(double_quant=True), torch.device("cpu"))
+    quantize_block(b, QuantConfig(double_quant=False), torch.device("cpu"))
+    assert fourbit_account(fourbit_linears(a))["bytes"] < fourbit_account(fourbit_linears(b))["bytes"]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantized_block_approximates_the_full_precision_block(quant_type):
+    torch.manual_seed(0)
+    model = _model(128, blocks=1)
+    model.init_ends()
+    block = _folded_block(model)
+    ids = torch.randint(0, 64, (2, 16))
+    model.eval()
+    reference = model.forward_from(model.embed(ids))
+    quantize_block(block, QuantConfig(quant_type=quant_type), torch.device("cpu"))
+    approx = model.forward_from(model.embed(ids))
+    rel = ((approx - reference).norm() / (reference - model.embed(ids)).norm()).item()
+    assert 0 < rel < 0.25  # 4-bit noise on the branch outputs, not on the residual stream
+    assert all(not p.requires_grad for p in block.parameters())
+
+
+def test_quantizing_the_same_weights_twice_is_bitwise_identical():
+    torch.manual_seed(0)
+    model = _model(64)
+    block = _folded_block(model)
+    state = {k: v.clone() for k, v in block.state_dict().items()}
+    a, b = model.load_block(1, {f"model.layers.0.{k}": v for k, v in state.items()}), model.load_block(
+        1, {f"model.layers.0.{k}": v for k, v in state.items()})
+    quantize_block(a, QuantConfig(), torch.device("cpu"))
+    quantize_block(b, QuantConfig(), torch.device("cpu"))
+    for la, lb in zip(fourbit_linears(a), fourbit_linears(b)):
+        assert torch.equal(la.weight.data, lb.weight.data)
+        assert torch.equal(la.weight.quant_state.absmax, lb.weight.quant_state.absmax)
+
+
+def test_missing_bitsandbytes_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(UserError, match=r"^quant\.enabled: the 4-bit suffix needs bitsandbytes"):
+        quantize_block(_folded_block(_model(32)), QuantConfig(), torch.device("cpu"))
+
+
+def test_missing_peft_is_one_clear_line(monkeypatch):
+    from grow.config import LoraConfig
+    from grow.quant import add_adapter
+
+    monkeypatch.setitem(sys.modules, "peft", None)
+    model = _model(32)
+    _folded_block(model)
+    with pytest.raises(UserError, match=r"^lora\.enabled"):
+        add_adapter(model, 1, LoraConfig())
+
+
+def test_suffix_checkpointing_keeps_activation_memory_flat_in_depth():
+    """Saved-for-backward bytes of a forward through the frozen suffix, with and without recompute."""
+    torch.manual_seed(0)
+
+    def saved_bytes(depth, checkpoint):
+        model = _model(64, blocks=depth + 1)
+        model.init_ends()
+        for k in range(depth + 1, 1, -1):
+            _folded_block(model, k).requires_grad_(False)
+        trained = model.new_block(1)
+        model.prepend_block(trained)
+        model.checkpoint_from = 2 if checkpoint else None
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.randint(0, 64, (2, 32))).sum()
+        return total
+
+    plain = [saved_bytes(d, False) for d in (2, 4)]
+    ckpt = [saved_bytes(d, True) for d in (2, 4)]
+    hidden = 2 * 32 * 64 * 4  # one block-boundary hidden state in fp32
+    assert ckpt[1] - ckpt[0] <= 2 * 2 * hidden  # two more blocks: at most their boundary inputs (+ rope)
+    assert plain[1] - plain[0] > 4 * (ckpt[1] - ckpt[0])  # without recompute every block's internals stay
+
+
+def test_stage_adapters_are_saved_in_peft_format_and_load_with_peft(tmp_path, corpus_file):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import EuroBertForMaskedLM
+
+    from grow.data import load_corpus
+    from grow.stages import build_model, grow_run
+    from grow.store import list_stages
+
+    cfg = tiny_config(corpus_file, blocks=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    corpus = load_corpus(cfg.data, run / "tokenizer", 0, log=lambda s: None)
+    grow_run(cfg, run, corpus, log=lambda s: None)
+    stage = list_stages(run, verify=True)[1]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(stage.manifest["files"])
+    stored = load_file(stage.path / "adapter_model.safetensors")
+    assert stored and all(k.startswith("base_model.model.model.layers.1.") for k in stored)
+    hf = EuroBertForMaskedLM(build_model(cfg, corpus.tokenizer).config)
+    peft_model = PeftModel.from_pretrained(hf, stage.path)
+    loaded = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(stored)
+    for name, tensor in stored.items():
+        key = name.replace(".weight", ".default.weight")
+        assert torch.equal(loaded[key], tensor), name
