@@ -63,6 +63,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     run = Path(args.out)
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite: choose one")
+    if args.from_stage is not None:
+        if not 1 <= args.from_stage <= cfg.model.num_blocks:
+            raise UserError(f"--from-stage: expected a block 1..{cfg.model.num_blocks}, got {args.from_stage}")
+        args.resume = True
     exists = run.exists() and any(run.iterdir())
     if exists and not (args.resume or args.overwrite):
         raise UserError(f"--out: {run} exists and is not empty; pass --resume to continue it or --overwrite to replace it")
@@ -94,13 +98,37 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     ratios = cfg.ratios()
     log(f"growing {cfg.model.num_blocks} blocks right to left into {run}; r = {', '.join(f'{r:.3f}' for r in ratios)}")
+    if args.from_stage is not None:
+        set_aside(run, args.from_stage, log)
+    from grow.checkpoint import install_sigterm_handler
+
+    install_sigterm_handler()
     grow_run(cfg, run, corpus, log=log, stop_after=args.stop_after)
+
+
+def set_aside(run: Path, block: int, log) -> None:
+    """Move stages (and checkpoints) of blocks <= ``block`` into RUN/set-aside-<time>/, never deleting."""
+    from grow.checkpoint import checkpoint_root
+    from grow.store import stage_dir
+
+    target = run / f"set-aside-{time.strftime('%Y%m%d-%H%M%S')}"
+    moved = []
+    for k in range(block, 0, -1):
+        for path in (stage_dir(run, k), checkpoint_root(run, k)):
+            if path.exists():
+                dest = target / path.relative_to(run)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                path.rename(dest)
+                moved.append(str(path.relative_to(run)))
+    if moved:
+        log(f"--from-stage {block}: moved {', '.join(moved)} to {target}")
 
 
 # ------------------------------------------------------------------------ status
 
 
 def cmd_status(args: argparse.Namespace) -> None:
+    from grow.checkpoint import checkpoint_root, latest_checkpoint
     from grow.store import list_stages, require_run, stage_dir, stage_problem
     from grow.units import format_bytes
 
@@ -123,10 +151,16 @@ def cmd_status(args: argparse.Namespace) -> None:
         else:
             path = stage_dir(run, k)
             state = f"invalid: {stage_problem(path, args.verify)}" if path.exists() else "pending"
+            ckpt = latest_checkpoint(checkpoint_root(run, k), log=lambda s: None)
+            if ckpt is not None:
+                state += f", checkpoint at step {int(ckpt.name.split('-')[1])}/{config.steps_for(k)}"
             print(f"{k:>5}  {ratios[k - 1]:>6.3f}  {'-':>6}  {'-':>12}  {'-':>10}  {'-':>10}  {state}")
     pending = [k for k in range(L, 0, -1) if k not in stages]
     if pending:
-        print(f"next: grow train CONFIG --out {run} --resume trains block {pending[0]} (r={ratios[pending[0] - 1]:.3f})")
+        k = pending[0]
+        ckpt = latest_checkpoint(checkpoint_root(run, k), log=lambda s: None)
+        where = f"from its checkpoint at step {int(ckpt.name.split('-')[1])}" if ckpt else "from step 0"
+        print(f"next: grow train CONFIG --out {run} --resume continues block {k} (r={ratios[k - 1]:.3f}) {where}")
     else:
         print("complete: every block is grown")
 
@@ -260,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set train.steps=50 (repeatable; value is YAML)")
     p.add_argument("--resume", action="store_true", help="continue a run: stored stages are kept")
     p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start afresh")
+    p.add_argument("--from-stage", type=int, metavar="K",
+                   help="re-grow from block K: keep stages K+1..L, move stages K..1 aside (implies --resume)")
     p.add_argument("--stop-after", type=int, metavar="K", help="stop after committing the stage of block K")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -347,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("grow: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from grow.checkpoint import Preempted
+
+        if not isinstance(exc, Preempted):
+            raise
+        print(f"grow: {exc}; continue with --resume", file=sys.stderr)
+        return 143
     return 0
 
 

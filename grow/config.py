@@ -168,12 +168,19 @@ class TrainConfig:
     """Print one metrics line every N steps."""
     eval_batches: int = 4
     """Held-out batches for the masked CE written into each stage's manifest."""
+    checkpoint_every: int = 0
+    """Save a mid-stage checkpoint every N steps (0 = only when preempted by SIGTERM)."""
+    keep_checkpoints: int = 2
+    """Mid-stage checkpoints kept per stage (older ones are deleted once a newer one is durable)."""
     checkpoint_suffix: bool = False
     """Gradient checkpointing of the frozen suffix: recompute its activations in backward so
     activation memory does not grow with the suffix depth."""
 
     def __post_init__(self) -> None:
         _positive(self, "train", "batch_size", "log_every", "eval_batches")
+        if self.checkpoint_every < 0:
+            raise UserError(f"train.checkpoint_every: expected >= 0, got {self.checkpoint_every}")
+        _positive(self, "train", "keep_checkpoints")
         if self.seed < 0:
             raise UserError(f"train.seed: expected an integer >= 0, got {self.seed}")
         steps = self.steps if isinstance(self.steps, list) else [self.steps]

@@ -57,6 +57,8 @@ class StageLog:
 class PlainEngine:
     """Single-process PyTorch: AdamW + warmup/cosine + global-norm clipping."""
 
+    is_main = True
+
     def __init__(self, params: list[torch.nn.Parameter], cfg: GrowConfig, total_steps: int) -> None:
         if not params:
             raise ValueError("a stage must train at least one parameter")
@@ -83,6 +85,25 @@ class PlainEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def barrier(self) -> None:
+        pass
+
+    def save_state(self, directory: Path, model, block: int) -> None:
+        from grow.checkpoint import save_trainable
+
+        save_trainable(directory, model, block)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   directory / "optimizer.pt")
+
+    def load_state(self, directory: Path, model, block: int) -> None:
+        from grow.checkpoint import load_trainable
+
+        device = self.params[0].device
+        load_trainable(directory, model, block, device)
+        state = torch.load(directory / "optimizer.pt", map_location=device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
 
 def run_loop(
     engine: PlainEngine,
@@ -94,14 +115,21 @@ def run_loop(
     log: Callable[[str], None],
     log_every: int,
     metrics_file: Path | None = None,
-    is_main: bool = True,
+    start_step: int = 0,
+    losses: list[float] | None = None,
+    after_step: Callable[[int, list[float]], None] | None = None,
 ) -> StageLog:
-    """Run ``steps`` optimizer steps; one metrics line every ``log_every`` steps (main rank only)."""
-    record = StageLog()
-    bar = tqdm(total=steps, desc=label, unit="step", disable=None if is_main else True, leave=False)
+    """Run optimizer steps ``start_step..steps-1``; one metrics line every ``log_every`` steps.
+
+    ``after_step(done, losses)`` runs after every step (checkpointing, preemption).
+    """
+    is_main = engine.is_main
+    record = StageLog(losses=list(losses or []), tokens=start_step * tokens_per_step)
+    bar = tqdm(total=steps, initial=start_step, desc=label, unit="step", disable=None if is_main else True,
+               leave=False)
     start = window_start = time.perf_counter()
     try:
-        for step in range(steps):
+        for step in range(start_step, steps):
             loss = loss_fn(step)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{label}: loss became {loss.item()} at step {step}")
@@ -113,7 +141,7 @@ def run_loop(
             done = step + 1
             if is_main and (done % log_every == 0 or done == steps):
                 now = time.perf_counter()
-                n = done % log_every or log_every
+                n = min(done % log_every or log_every, done - start_step)
                 dt = (now - window_start) / n
                 window_start = now
                 recent = record.losses[-n:]
@@ -130,6 +158,8 @@ def run_loop(
                 if metrics_file is not None:
                     with open(metrics_file, "a") as f:
                         f.write(json.dumps(line) + "\n")
+            if after_step is not None:
+                after_step(done, record.losses)
     finally:
         bar.close()
     record.seconds = time.perf_counter() - start

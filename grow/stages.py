@@ -15,6 +15,7 @@ which is what makes a resume between stages reproduce an uninterrupted run exact
 from __future__ import annotations
 
 import random
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import grow
+from grow.checkpoint import PREEMPT, Preempted, checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from grow.config import GrowConfig
 from grow.data import Corpus, batch_positions
 from grow.engine import PlainEngine, autocast, resolve_device, run_loop
@@ -35,7 +38,7 @@ from grow.model import GrowModel, add_stability, fold, hf_config
 from grow.noise import TRAIN_SALT, corrupt, mask_scores, masked_ce, nested_mask
 from grow.quant import (ADAPTER_WEIGHTS, add_adapter, cast_ends, load_adapter_state, quantize_block,
                         set_adapter_trainable, write_adapters)
-from grow.store import Stage, list_stages, write_stage
+from grow.store import Stage, list_stages, require_run, write_stage
 
 Log = Callable[[str], None]
 
@@ -118,6 +121,30 @@ def restore_suffix(model: GrowModel, stages: dict[int, Stage], cfg: GrowConfig, 
         load_adapter_state(model, load_file(stages[first].path / ADAPTER_WEIGHTS, device=str(device)))
 
 
+def load_run(run: Path, device: torch.device | str = "cpu", *, require_complete: bool = False):
+    """(config, model, tokenizer) of a run as its newest stage left it, in eval mode.
+
+    The model is exactly the one training used: the leftmost stored block in full
+    precision, the suffix in 4-bit with its adapters (per the run's config).
+    """
+    from grow.config import from_dict
+    from grow.data import load_tokenizer
+
+    run = require_run(Path(run))
+    cfg = from_dict(GrowConfig, yaml.safe_load((run / "grow.yaml").read_text()))
+    stages = list_stages(run, verify=True)
+    if not stages:
+        raise UserError(f"RUN: {run} has no complete stage yet")
+    if require_complete and min(stages) != 1:
+        raise UserError(f"RUN: {run} is grown down to block {min(stages)} only; finish it with grow train --resume")
+    tokenizer = load_tokenizer(run / "tokenizer")
+    device = torch.device(device)
+    model = build_model(cfg, tokenizer).to(device)
+    restore_suffix(model, stages, cfg, device)
+    model.eval()
+    return cfg, model, tokenizer
+
+
 def versions() -> dict[str, str]:
     import transformers
 
@@ -137,7 +164,7 @@ def train_stage(
     device: torch.device,
     *,
     log: Log,
-    metrics_file: Path | None = None,
+    run: Path | None = None,
 ) -> tuple[dict, float]:
     """Prepend and train block ``spec.block``; returns (loop record as dict, held-out CE at r_k)."""
     seed_everything(cfg.train.seed, spec.block)
@@ -184,10 +211,29 @@ def train_stage(
                 loss = loss + consistency * torch.nn.functional.mse_loss(after_k.float(), target.float())
         return loss
 
+    start_step, losses = 0, []
+    root = checkpoint_root(run, spec.block) if run is not None else None
+    if root is not None and (found := latest_checkpoint(root, log)) is not None:
+        start_step, losses = load_checkpoint(found, model, spec.block, engine)
+        log(f"block {spec.block}: resuming at step {start_step}/{spec.steps} from {found}")
+
+    def after_step(done: int, losses: list[float]) -> None:
+        if root is None or done == spec.steps:
+            return
+        every = cfg.train.checkpoint_every
+        saved = None
+        if every and done % every == 0:
+            saved = save_checkpoint(root, done, model, spec.block, engine, losses, cfg.train.keep_checkpoints)
+        if PREEMPT.requested:
+            if saved is None:
+                saved = save_checkpoint(root, done, model, spec.block, engine, losses, cfg.train.keep_checkpoints)
+            raise Preempted(saved, done)
+
     label = f"block {spec.block}/{model.num_blocks} r={spec.ratio:.3f}"
     record = run_loop(
         engine, loss_fn, steps=spec.steps, tokens_per_step=B * T, label=label, log=log,
-        log_every=cfg.train.log_every, metrics_file=metrics_file,
+        log_every=cfg.train.log_every, metrics_file=None if run is None else run / "metrics.jsonl",
+        start_step=start_step, losses=losses, after_step=after_step,
     )
     account = {**stage_account(model, spec.block, engine.optimizer), **peak_bytes(device),
                "trainable_adapter_blocks": adapters}
@@ -217,7 +263,7 @@ def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after
     for spec in stage_specs(cfg):
         if spec.block in stages:
             continue
-        record, ce = train_stage(model, spec, corpus, cfg, device, log=log, metrics_file=run / "metrics.jsonl")
+        record, ce = train_stage(model, spec, corpus, cfg, device, log=log, run=run)
         weights = model.block_state_dict(spec.block)
         if spec.trains_ends:
             weights.update(model.ends_state_dict())
@@ -227,6 +273,7 @@ def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after
             "tokens_seen": record["tokens"],
             "heldout_ce": ce,
             "final_train_loss": record["losses"][-1],
+            "losses": record["losses"],
             "train_seconds": record["seconds"],
             "memory": record["memory"],
             "data": {
@@ -242,6 +289,7 @@ def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after
         writers = [lambda d: write_adapters(model, cfg.lora, d)] if cfg.lora.enabled and spec.block < L else []
         write_stage(run, spec.block, weights, manifest, max_shard_size=cfg.store.max_shard_size,
                     tokenizer=corpus.tokenizer, extra_writers=writers)
+        shutil.rmtree(checkpoint_root(run, spec.block), ignore_errors=True)  # superseded by the stage
         log(f"stage {spec.block:02d} committed: held-out masked CE at r={spec.ratio:.3f} is {ce:.4f} "
             f"({record['seconds']:.1f} s)")
         if stop_after is not None and spec.block == stop_after:
