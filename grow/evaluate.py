@@ -1,15 +1,24 @@
-"""Honest quality numbers: held-out masked cross-entropy at a given noise level.
+"""Honest quality numbers: held-out masked CE per noise level, the MDLM bound, sample statistics.
 
 Held-out masks come from the held-out salt of the nested-mask stream, so every stage and
-every export is measured on exactly the same masked tokens at a given ratio.
+every export is measured on exactly the same masked tokens at a given ratio. ``grow eval``
+runs ``evaluate_denoiser``: CE curves per stage, the likelihood bound of the full stack and
+what each sampler produces, as JSON and a plot.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from grow.errors import UserError
 from grow.noise import HELDOUT_SALT, corrupt, mask_scores, nested_mask
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -44,3 +53,312 @@ def heldout_ce(
         if (b + 1) * batch_size >= n:  # the whole held-out split has been seen once
             break
     return total / count
+
+
+# --------------------------------------------------------------------------- the MDLM bound
+
+ELBO_MASKING = ("count", "bernoulli")
+
+
+@dataclass
+class Elbo:
+    """An upper bound on the held-out negative log-likelihood, per token."""
+
+    nats_per_token: float
+    sequences: int
+    tokens: int
+    masking: str
+
+    @property
+    def bits_per_token(self) -> float:
+        return self.nats_per_token / math.log(2)
+
+    @property
+    def perplexity_bound(self) -> float:
+        return math.exp(self.nats_per_token)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"nats_per_token": self.nats_per_token, "bits_per_token": self.bits_per_token,
+                "perplexity_bound": self.perplexity_bound, "sequences": self.sequences, "tokens": self.tokens,
+                "masking": self.masking}
+
+
+@torch.no_grad()
+def mdlm_elbo(
+    logits_fn: LogitsFn,
+    heldout: torch.Tensor,
+    *,
+    mask_token_id: int,
+    seed: int,
+    batch_size: int,
+    batches: int,
+    device: torch.device | str = "cpu",
+    masking: str = "count",
+    eps: float = 1e-3,
+) -> Elbo:
+    """MDLM's continuous-time bound for the linear schedule alpha_t = 1 - t, per token.
+
+        -log p(x) <= E_{t ~ U(0,1)} [ (1/t) * sum_{i masked in z_t} -log p(x_i | z_t) ]
+
+    (the weight -alpha'_t / (1 - alpha_t) is 1/t), divided by the T tokens of a sequence.
+    The n sequences evaluated get low-discrepancy times t_i = (u + i) / n mod 1 with one
+    u ~ U(0, 1), MDLM's variance reduction. Two estimators of the same expectation:
+
+    - ``bernoulli``: every token is masked with probability t_i and the sequence scores
+      (1/t_i) * sum of masked CE / T -- the formula literally (t clipped below at ``eps``).
+    - ``count`` (default): m_i = ceil(t_i T) tokens are masked (t ~ U makes m ~ U{1..T}) and
+      the sequence scores sum of masked CE / m_i, i.e. its mean masked CE. Given that m tokens
+      are masked, integrating the 1/t weight over t gives exactly 1/m
+      (int_0^1 (1/t) C(T,m) t^m (1-t)^(T-m) dt = 1/m), so this is the bound with t integrated
+      out: unbiased for the same quantity, lower variance (LLaDA's form of the bound).
+
+    A model that predicts the uniform distribution scores exactly log V with ``count``.
+    """
+    if masking not in ELBO_MASKING:
+        raise ValueError(f"masking: expected one of {', '.join(ELBO_MASKING)}, got {masking!r}")
+    generator = torch.Generator().manual_seed(seed)
+    n = min(heldout.shape[0], batches * batch_size)
+    T = heldout.shape[1]
+    u = torch.rand(1, generator=generator, dtype=torch.float64).item()
+    total = 0.0
+    for start in range(0, n, batch_size):
+        rows = torch.arange(start, min(n, start + batch_size))
+        ids = heldout[rows].to(device)
+        t = ((u + rows.double()) / n) % 1.0
+        scores = torch.rand(len(rows), T, generator=generator, dtype=torch.float64)
+        if masking == "count":
+            m = torch.ceil(t * T).long().clamp(1, T)
+            mask = scores.argsort(1).argsort(1) < m.unsqueeze(1)
+            weight = 1.0 / m.double()
+        else:
+            t = t.clamp(min=eps)
+            mask = scores < t.unsqueeze(1)
+            weight = 1.0 / (t * T)
+        mask = mask.to(device)
+        logits = logits_fn(corrupt(ids, mask, mask_token_id)).float()
+        ce = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none") * mask
+        total += float((ce.double().sum(1).cpu() * weight).sum())
+    return Elbo(total / n, n, n * T, masking)
+
+
+# --------------------------------------------------------------------------- sample statistics
+
+
+def sample_stats(samples: list[list[int]], stop_ids: tuple[int, ...] = ()) -> dict[str, float]:
+    """Diversity and degeneration of generated token sequences.
+
+    Each sample is cut at its first ``stop_ids`` token (EOS/pad). ``distinct_1``/``distinct_2``:
+    distinct n-grams over all samples / all n-grams (Li et al. 2016). ``repetition``: seq-rep-4
+    (Welleck et al. 2019), the fraction of a sample's 4-grams that repeat an earlier one,
+    averaged over samples. ``mean_length``: tokens before the cut.
+    """
+    cut = []
+    for s in samples:
+        end = next((i for i, tok in enumerate(s) if tok in stop_ids), len(s))
+        cut.append(list(s[:end]))
+
+    def distinct(n: int) -> float:
+        grams = [tuple(s[i : i + n]) for s in cut for i in range(len(s) - n + 1)]
+        return len(set(grams)) / len(grams) if grams else 0.0
+
+    reps = []
+    for s in cut:
+        grams = [tuple(s[i : i + 4]) for i in range(len(s) - 3)]
+        if grams:
+            reps.append(1.0 - len(set(grams)) / len(grams))
+    return {
+        "distinct_1": distinct(1),
+        "distinct_2": distinct(2),
+        "repetition": sum(reps) / len(reps) if reps else 0.0,
+        "mean_length": sum(map(len, cut)) / len(cut) if cut else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------- a whole report
+
+DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def parse_ratios(text: str) -> list[float]:
+    """'0.15,0.5,1.0' -> [0.15, 0.5, 1.0]; each in (0, 1]."""
+    try:
+        ratios = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--ratios: expected comma-separated mask ratios like 0.15,0.5,1.0, got {text!r}") from None
+    if not ratios or not all(0 < r <= 1 for r in ratios):
+        raise UserError(f"--ratios: expected mask ratios in (0, 1], got {text!r}")
+    return sorted(set(ratios))
+
+
+def evaluate_denoiser(
+    loaded,
+    heldout: torch.Tensor,
+    *,
+    grid: Sequence[float] = DEFAULT_GRID,
+    batches: int = 4,
+    batch_size: int = 16,
+    seed: int = 0,
+    samples: int = 4,
+    sample_length: int | None = None,
+    modes: Sequence[str] | None = None,
+    steps: int = 64,
+    log: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
+    """Everything ``grow eval`` reports for a loaded denoiser (``grow.inference.Loaded``).
+
+    - full stack: held-out masked CE at each schedule level r_k and at every ratio of ``grid``;
+    - per stage k (the sub-network blocks k..L that stage k trained): CE at r_k and on the grid;
+    - the MDLM bound of the full stack (nats and bits per token, perplexity bound);
+    - per sampler mode: ``samples`` unconditional samples at temperature 1, their statistics
+      and the sampler's throughput in generated tokens per second.
+    """
+    from grow import sample as sampling
+
+    model, mask_id = loaded.model, loaded.mask_id
+    device = next(model.parameters()).device
+    first, L = model.first_block, model.num_blocks
+    kw = dict(mask_token_id=mask_id, seed=seed, batch_size=batch_size, batches=batches, device=device)
+    if batches < 1 or batch_size < 1:
+        raise UserError(f"--batches: expected a positive number of held-out batches, got {batches}")
+
+    def suffix_fn(k: int) -> LogitsFn:
+        return lambda x: model(x, start=k)
+
+    report: dict[str, Any] = {
+        "source": loaded.source, "path": str(loaded.path), "num_blocks": L, "first_block": first,
+        "schedule": list(loaded.ratios),
+        "heldout": {"sequences": int(heldout.shape[0]), "seq_len": int(heldout.shape[1]),
+                    "batches": batches, "batch_size": batch_size, "seed": seed},
+    }
+    start = time.perf_counter()
+    full = suffix_fn(first)
+    levels = [loaded.ratios[k - 1] for k in range(first, L + 1)]
+    report["full_stack"] = {
+        "schedule": [{"block": k, "ratio": r, "ce": heldout_ce(full, heldout, r, **kw)}
+                     for k, r in zip(range(first, L + 1), levels)],
+        "grid": [{"ratio": r, "ce": heldout_ce(full, heldout, r, **kw)} for r in grid],
+    }
+    log(f"eval: full-stack masked CE on {len(grid) + len(levels)} noise levels ({time.perf_counter() - start:.1f}s)")
+    stages = {}
+    for k in range(first, L + 1):
+        fn = suffix_fn(k)
+        ratio = loaded.ratios[k - 1]
+        stages[str(k)] = {
+            "blocks": [k, L], "ratio": ratio, "ce": heldout_ce(fn, heldout, ratio, **kw),
+            "grid": [{"ratio": r, "ce": heldout_ce(fn, heldout, r, **kw)} for r in grid],
+        }
+    report["stages"] = stages
+    log(f"eval: per-stage curves for blocks {first}..{L} ({time.perf_counter() - start:.1f}s)")
+    report["elbo"] = mdlm_elbo(full, heldout, **kw).to_dict()
+    log(f"eval: MDLM bound {report['elbo']['bits_per_token']:.3f} bits/token ({time.perf_counter() - start:.1f}s)")
+
+    report["samples"] = {}
+    if samples > 0:
+        length = min(sample_length or heldout.shape[1], model.config.max_position_embeddings)
+        tok = loaded.tokenizer
+        stop = tuple(i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None)
+        prompt = torch.zeros((samples, 0), dtype=torch.long, device=device)
+        for mode in modes or sampling.MODES:
+            generator = torch.Generator(device=device).manual_seed(seed)
+            opts: dict[str, Any] = {"steps": steps} if mode in ("iterative", "semi-ar") else {}
+            if mode == "semi-ar":
+                opts["block_length"] = min(32, max(1, length // 4))  # several blocks, so the cache is used
+                opts["steps"] = max(1, steps * opts["block_length"] // length)
+            t0 = time.perf_counter()
+            result = sampling.generate(model, prompt, length, mode, mask_id=mask_id, ratios=loaded.ratios,
+                                       temperature=1.0, generator=generator, **opts)
+            seconds = time.perf_counter() - t0
+            ids = result.generated.tolist()
+            report["samples"][mode] = {
+                **sample_stats(ids, stop), "tokens_per_s": samples * length / seconds, "seconds": seconds,
+                "forwards": result.forwards, "block_evals": result.block_evals, "length": length,
+                "options": {"temperature": 1.0, **opts},
+                "texts": [tok.decode(s, skip_special_tokens=True) for s in ids],
+            }
+        log(f"eval: {samples} samples per mode ({time.perf_counter() - start:.1f}s)")
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a few human-readable tables."""
+    lines = [f"{report['source']} {report['path']}: blocks {report['first_block']}..{report['num_blocks']}, "
+             f"{report['heldout']['sequences']} held-out sequences of {report['heldout']['seq_len']}"]
+    lines.append(f"{'block':>5}  {'r_k':>6}  {'CE full stack':>13}  {'CE blocks k..L':>14}")
+    for entry in report["full_stack"]["schedule"]:
+        k = entry["block"]
+        lines.append(f"{k:>5}  {entry['ratio']:>6.3f}  {entry['ce']:>13.4f}  {report['stages'][str(k)]['ce']:>14.4f}")
+    grid = report["full_stack"]["grid"]
+    lines.append("ratio  " + "  ".join(f"{g['ratio']:>6.2f}" for g in grid))
+    for k, stage in report["stages"].items():
+        label = f"{k}..{report['num_blocks']}"
+        lines.append(f"{label:>5}  " + "  ".join(f"{g['ce']:>6.3f}" for g in stage["grid"]))
+    e = report["elbo"]
+    lines.append(f"MDLM bound: {e['nats_per_token']:.4f} nats/token = {e['bits_per_token']:.4f} bits/token, "
+                 f"perplexity <= {e['perplexity_bound']:.2f} ({e['sequences']} sequences)")
+    for mode, s in report["samples"].items():
+        lines.append(f"{mode:>9}: {s['tokens_per_s']:>9.1f} tok/s  distinct-1 {s['distinct_1']:.3f}  "
+                     f"distinct-2 {s['distinct_2']:.3f}  rep-4 {s['repetition']:.3f}  "
+                     f"mean length {s['mean_length']:.1f}")
+    return "\n".join(lines)
+
+
+def plot_report(report: dict[str, Any], path: str | Path) -> None:
+    """PNG of held-out masked CE against noise level: one curve per stage (blocks k..L)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    L = report["num_blocks"]
+    cmap = plt.get_cmap("viridis")
+    keys = sorted(report["stages"], key=int)
+    for i, k in enumerate(keys):
+        stage = report["stages"][k]
+        xs = [g["ratio"] for g in stage["grid"]]
+        ys = [g["ce"] for g in stage["grid"]]
+        full = int(k) == report["first_block"]
+        ax.plot(xs, ys, color=cmap(i / max(1, len(keys) - 1)), lw=2.2 if full else 1.2,
+                label=f"blocks {k}..{L}" + (" (full stack)" if full else ""))
+        ax.plot([stage["ratio"]], [stage["ce"]], "o", color=cmap(i / max(1, len(keys) - 1)))
+    ax.set_xlabel("mask ratio (noise level)")
+    ax.set_ylabel("held-out masked CE (nats)")
+    ax.set_title(f"CE by noise level; dots: stage k at its own r_k; "
+                 f"ELBO {report['elbo']['bits_per_token']:.2f} bits/token", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def heldout_for(loaded, data: str | None = None, *, seed: int = 0, seq_len: int | None = None,
+                log: Callable[[str], None] = print) -> tuple[torch.Tensor, int]:
+    """Held-out sequences for a loaded denoiser and the seed its masks use.
+
+    A run rebuilds its own corpus split with its saved tokenizer and seed (``data`` replaces
+    the source), so stage k's CE at r_k is measured on the very tokens its manifest's
+    ``heldout_ce`` was. An export tokenizes ``data`` (default: the bible) with its own
+    tokenizer, ``seq_len`` from ``grow.json`` (else 128) unless given.
+    """
+    import dataclasses
+    import tempfile
+
+    from grow.config import DataConfig
+    from grow.data import load_corpus
+
+    if loaded.source == "run":
+        cfg = loaded.config
+        data_cfg = cfg.data if data is None else dataclasses.replace(cfg.data, source=data)
+        if seq_len is not None:
+            data_cfg = dataclasses.replace(data_cfg, seq_len=seq_len)
+        corpus = load_corpus(data_cfg, loaded.path / "tokenizer", cfg.train.seed, log=log)
+        return corpus.heldout, cfg.train.seed
+    max_pos = loaded.model.config.max_position_embeddings
+    length = seq_len or int(loaded.meta.get("seq_len", min(128, max_pos)))
+    if length > max_pos:
+        raise UserError(f"--seq-len: {length} exceeds the model's context of {max_pos} positions")
+    with tempfile.TemporaryDirectory(prefix="grow-eval-") as tmp:
+        data_cfg = DataConfig(source=data or "bible", tokenizer=str(loaded.path), seq_len=length)
+        corpus = load_corpus(data_cfg, Path(tmp) / "tokenizer", seed, log=log)
+    return corpus.heldout, seed
