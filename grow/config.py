@@ -147,7 +147,10 @@ class TrainConfig:
     steps: int | list[int] = 100
     """Optimizer steps per stage: one number for every stage, or a list for blocks 1..L."""
     batch_size: int = 16
-    """Sequences per optimizer step."""
+    """Sequences per optimizer step (the global batch, over all processes)."""
+    micro_batch_size: int | None = None
+    """Sequences per forward/backward on one process; the rest is gradient accumulation.
+    None = batch_size / number of processes."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -172,12 +175,18 @@ class TrainConfig:
     """Save a mid-stage checkpoint every N steps (0 = only when preempted by SIGTERM)."""
     keep_checkpoints: int = 2
     """Mid-stage checkpoints kept per stage (older ones are deleted once a newer one is durable)."""
+    deepspeed: str | None = None
+    """DeepSpeed JSON config (set by --deepspeed); None = plain single-process PyTorch."""
     checkpoint_suffix: bool = False
     """Gradient checkpointing of the frozen suffix: recompute its activations in backward so
     activation memory does not grow with the suffix depth."""
 
     def __post_init__(self) -> None:
         _positive(self, "train", "batch_size", "log_every", "eval_batches")
+        if self.micro_batch_size is not None and (self.micro_batch_size <= 0 or self.batch_size % self.micro_batch_size):
+            raise UserError(
+                f"train.micro_batch_size: {self.micro_batch_size} must be positive and divide train.batch_size={self.batch_size}"
+            )
         if self.checkpoint_every < 0:
             raise UserError(f"train.checkpoint_every: expected >= 0, got {self.checkpoint_every}")
         _positive(self, "train", "keep_checkpoints")

@@ -45,6 +45,15 @@ def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+LossFn = Callable[[int, slice], torch.Tensor]
+"""loss_fn(step, rows): the mean masked CE of rows ``rows`` of the global batch of ``step``."""
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower train.lr or check the data")
+
+
 @dataclass
 class StageLog:
     """What the loop measured: per-step losses and totals."""
@@ -72,14 +81,24 @@ class PlainEngine:
             lambda s: lr_lambda(s, total_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio),
         )
 
-    def step(self, loss: torch.Tensor) -> float:
-        loss.backward()
+    def train_step(self, step: int, loss_fn: LossFn) -> float:
+        """One optimizer step over the whole batch, in micro-batches; returns the mean loss."""
+        B = self.cfg.train.batch_size
+        micro = self.cfg.train.micro_batch_size or B
+        total = 0.0
+        for start in range(0, B, micro):
+            # Every row has the same number of masked tokens, so the mean of micro-batch means
+            # is the mean over the batch.
+            loss = loss_fn(step, slice(start, start + micro))
+            check_finite(loss, step)
+            (loss * (micro / B)).backward()
+            total += loss.item() * micro / B
         clip = self.cfg.stability.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return total
 
     @property
     def lr(self) -> float:
@@ -107,7 +126,7 @@ class PlainEngine:
 
 def run_loop(
     engine: PlainEngine,
-    loss_fn: Callable[[int], torch.Tensor],
+    loss_fn: LossFn,
     *,
     steps: int,
     tokens_per_step: int,
@@ -130,11 +149,7 @@ def run_loop(
     start = window_start = time.perf_counter()
     try:
         for step in range(start_step, steps):
-            loss = loss_fn(step)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{label}: loss became {loss.item()} at step {step}")
-            engine.step(loss)
-            record.losses.append(loss.item())
+            record.losses.append(engine.train_step(step, loss_fn))
             record.tokens += tokens_per_step
             bar.update(1)
             bar.set_postfix(loss=f"{record.losses[-1]:.3f}")

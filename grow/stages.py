@@ -191,8 +191,9 @@ def train_stage(
     consistency = cfg.stability.consistency_weight if next_ratio is not None else 0.0
     reset_peak(device)
 
-    def loss_fn(step: int) -> torch.Tensor:
+    def loss_fn(step: int, rows: slice) -> torch.Tensor:
         sample_ids, epochs = batch_positions(len(corpus.train), step, B, cfg.train.seed, stream=spec.block)
+        sample_ids, epochs = sample_ids[rows], epochs[rows]
         ids = corpus.train[torch.from_numpy(sample_ids)].to(device)
         # The mask key ignores the stage, so a sample's masks are nested across stages.
         keys = epochs * len(corpus.train) + sample_ids
