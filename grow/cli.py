@@ -59,7 +59,10 @@ def critical_changes(old: dict, new: dict) -> list[str]:
 def cmd_train(args: argparse.Namespace) -> None:
     from grow.config import load_config
 
-    cfg = load_config(args.config, args.set or [])
+    overrides = list(args.set or [])
+    if args.deepspeed:
+        overrides.append(f"train.deepspeed={args.deepspeed}")
+    cfg = load_config(args.config, overrides)
     run = Path(args.out)
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite: choose one")
@@ -80,30 +83,63 @@ def cmd_train(args: argparse.Namespace) -> None:
         changed = critical_changes(old, cfg.to_dict())
         if changed:
             raise UserError(f"--resume: architecture-critical settings differ from the stored run: {', '.join(changed)}")
+    from grow.stages import Backend, grow_run
+
+    # Every rank has checked the same things; from here on only rank 0 writes.
+    backend = Backend(cfg)
+    log = _log_to(run) if backend.is_main else (lambda line: None)
+    error = None
+    if backend.is_main:
+        try:
+            corpus = _prepare_run(cfg, run, args, log)
+        except UserError as exc:
+            error = str(exc)
+    error = _broadcast(backend, error)
+    if error is not None:
+        raise UserError(error)
+    if not backend.is_main:
+        from grow.data import load_corpus
+
+        corpus = load_corpus(cfg.data, run / "tokenizer", cfg.train.seed, log=log)
+    ratios = cfg.ratios()
+    log(f"growing {cfg.model.num_blocks} blocks right to left into {run} on {backend.world} process(es), "
+        f"{backend.device}; r = {', '.join(f'{r:.3f}' for r in ratios)}")
+    if args.from_stage is not None and backend.is_main:
+        set_aside(run, args.from_stage, log)
+    backend.barrier()
+    from grow.checkpoint import install_sigterm_handler
+
+    install_sigterm_handler()
+    grow_run(cfg, run, corpus, log=log, stop_after=args.stop_after, backend=backend)
+
+
+def _prepare_run(cfg, run: Path, args, log):
+    """Create (or reuse) the run directory, its tokenizer and grow.yaml; undo a fresh one on error."""
+    from grow.data import load_corpus
+
     created = not run.exists()
     if args.overwrite and run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
-    log = _log_to(run)
     try:
-        from grow.data import load_corpus
-
         corpus = load_corpus(cfg.data, run / "tokenizer", cfg.train.seed, log=log)
     except UserError:
         if created or args.overwrite:
             shutil.rmtree(run, ignore_errors=True)
         raise
     write_text_atomic(run / "grow.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    from grow.stages import grow_run
+    return corpus
 
-    ratios = cfg.ratios()
-    log(f"growing {cfg.model.num_blocks} blocks right to left into {run}; r = {', '.join(f'{r:.3f}' for r in ratios)}")
-    if args.from_stage is not None:
-        set_aside(run, args.from_stage, log)
-    from grow.checkpoint import install_sigterm_handler
 
-    install_sigterm_handler()
-    grow_run(cfg, run, corpus, log=log, stop_after=args.stop_after)
+def _broadcast(backend, value):
+    """Rank 0's value on every rank (so an error on rank 0 stops all ranks with the same message)."""
+    if backend.world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def set_aside(run: Path, block: int, log) -> None:
@@ -315,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Grow a masked-diffusion language model one block at a time, right to left "
         "(depth = reverse diffusion time).",
     )
+    # The deepspeed launcher adds --local_rank=N right after the module name.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="grow a run, stage L first (resumable)",
@@ -326,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set train.steps=50 (repeatable; value is YAML)")
     p.add_argument("--resume", action="store_true", help="continue a run: stored stages are kept")
     p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start afresh")
+    p.add_argument("--deepspeed", metavar="JSON",
+                   help="run every stage under DeepSpeed ZeRO with this config (see ds_configs/); "
+                   "launch with `deepspeed --num_gpus N -m grow train ...` for several processes")
     p.add_argument("--from-stage", type=int, metavar="K",
                    help="re-grow from block K: keep stages K+1..L, move stages K..1 aside (implies --resume)")
     p.add_argument("--stop-after", type=int, metavar="K", help="stop after committing the stage of block K")

@@ -26,6 +26,8 @@ def _unique_bytes(tensors) -> tuple[int, int]:
     for t in tensors:
         if t is None:
             continue
+        # A ZeRO-3 parameter's own data is empty; this rank holds its partition in ds_tensor.
+        t = getattr(t, "ds_tensor", t)
         key = (t.untyped_storage().data_ptr(), t.device)
         if key in seen:
             continue

@@ -136,11 +136,12 @@ def set_adapter_trainable(model: GrowModel, trained_block: int, cfg: LoraConfig)
     return trainable
 
 
-def adapter_state_dict(model: GrowModel) -> dict[str, torch.Tensor]:
-    """All adapters under the keys peft uses for an EuroBertForMaskedLM."""
-    peft = peft_lib()
-    state = peft.get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
-    return {PEFT_PREFIX + k[len("blocks."):]: v for k, v in state.items()}
+def peft_key(name: str) -> str:
+    """Our parameter name -> peft's saved key for an EuroBertForMaskedLM.
+
+    ``blocks.3.self_attn.q_proj.lora_A.default.weight`` -> ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``
+    """
+    return PEFT_PREFIX + name[len("blocks."):].replace(f".{ADAPTER_NAME}.", ".")
 
 
 def load_adapter_state(model: GrowModel, state: dict[str, torch.Tensor]) -> None:
@@ -151,13 +152,13 @@ def load_adapter_state(model: GrowModel, state: dict[str, torch.Tensor]) -> None
         raise ValueError(f"stored adapters do not fit the model: {result.unexpected_keys[:3]}")
 
 
-def write_adapters(model: GrowModel, cfg: LoraConfig, directory: Path) -> None:
-    """peft's on-disk format: adapter_config.json + adapter_model.safetensors."""
+def write_adapters(state: dict[str, torch.Tensor], cfg: LoraConfig, directory: Path) -> None:
+    """peft's on-disk format: adapter_config.json + adapter_model.safetensors (keys from ``peft_key``)."""
     from safetensors.torch import save_file
 
     peft = peft_lib()
-    blocks = adapter_blocks(model)
-    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    blocks = sorted({int(k[len(PEFT_PREFIX):].split(".")[0]) + 1 for k in state})
+    state = {k: v.detach().contiguous().cpu() for k, v in sorted(state.items())}
     save_file(state, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     config = peft.LoraConfig(
         r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",

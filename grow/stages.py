@@ -14,6 +14,7 @@ which is what makes a resume between stages reproduce an uninterrupted run exact
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import sys
@@ -36,7 +37,7 @@ from grow.evaluate import heldout_ce
 from grow.memory import peak_bytes, reset_peak, stage_account
 from grow.model import GrowModel, add_stability, fold, hf_config
 from grow.noise import TRAIN_SALT, corrupt, mask_scores, masked_ce, nested_mask
-from grow.quant import (ADAPTER_WEIGHTS, add_adapter, cast_ends, load_adapter_state, quantize_block,
+from grow.quant import (ADAPTER_WEIGHTS, add_adapter, cast_ends, load_adapter_state, peft_key, quantize_block,
                         set_adapter_trainable, write_adapters)
 from grow.store import Stage, list_stages, require_run, write_stage
 
@@ -156,17 +157,103 @@ def versions() -> dict[str, str]:
     }
 
 
+class Backend:
+    """Plain single-process PyTorch, or DeepSpeed over the processes of a launch."""
+
+    def __init__(self, cfg: GrowConfig) -> None:
+        self.cfg = cfg
+        self.ds_config = None
+        self.rank, self.world = 0, 1
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.deepspeed:
+            from grow.ds import init_distributed, launched_world_size, resolve_config
+
+            self.ds_config = resolve_config(cfg.train.deepspeed, cfg, launched_world_size())
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            self.rank, self.world = init_distributed(self.device)
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("--deepspeed: this is a multi-process launch; pass --deepspeed ds_configs/<config>.json")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def engine(self, model: GrowModel, params: list, steps: int):
+        if self.ds_config is None:
+            return PlainEngine(params, self.cfg, steps)
+        from grow.ds import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, params, self.cfg, self.ds_config, steps)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+@dataclass
+class StageResult:
+    losses: list[float]
+    tokens: int
+    seconds: float
+    heldout_ce: float
+    memory: dict
+    snapshot: dict[str, torch.Tensor]  # fp32 CPU copy of everything the stage trained (+ block k buffers)
+
+
+def snapshot_trained(model: GrowModel, block_id: int, engine) -> dict[str, torch.Tensor]:
+    """Block k's parameters and buffers and every trainable tensor, full and fp32, on the CPU.
+
+    Under DeepSpeed the values come from the optimizer's fp32 master copy (whole, even under
+    ZeRO-3), not from the possibly 16-bit, possibly partitioned module parameters.
+    """
+    master = getattr(engine, "full_fp32", None)
+    state = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            value = master(param) if master else param
+            state[name] = value.detach().float().cpu().clone()
+    prefix = f"blocks.{block_id - 1}."
+    for name, buffer in model.block(block_id).named_buffers():
+        state[prefix + name] = buffer.detach().float().cpu().clone()
+    return state
+
+
+def stage_files(model: GrowModel, cfg: GrowConfig, spec: StageSpec, snapshot: dict[str, torch.Tensor],
+                previous: Stage | None):
+    """(weights, adapters) to commit for stage k, computed on a CPU replica from the snapshot."""
+    prefix = f"blocks.{spec.block - 1}."
+    replica = GrowModel(model.config)
+    block = replica.new_block(spec.block).cpu()
+    add_stability(block, cfg.stability)
+    block.load_state_dict({k[len(prefix):]: v for k, v in snapshot.items() if k.startswith(prefix)
+                           and "lora_" not in k}, strict=True)
+    fold(block)
+    weights = {f"model.layers.{spec.block - 1}.{k}": v for k, v in block.state_dict().items()}
+    if spec.trains_ends:
+        weights.update({"model.embed_tokens.weight": snapshot["embed_tokens.weight"],
+                        "model.norm.weight": snapshot["norm.weight"], "lm_head.weight": snapshot["lm_head.weight"]})
+    adapters = None
+    if cfg.lora.enabled and not spec.trains_ends:
+        # Frozen adapters (outside lora.blocks) are as the previous stage stored them.
+        adapters = load_file(previous.path / ADAPTER_WEIGHTS) if previous and (previous.path / ADAPTER_WEIGHTS).exists() else {}
+        adapters.update({peft_key(k): v for k, v in snapshot.items() if "lora_" in k})
+    return weights, adapters
+
+
 def train_stage(
     model: GrowModel,
     spec: StageSpec,
     corpus: Corpus,
     cfg: GrowConfig,
-    device: torch.device,
+    backend: Backend,
     *,
     log: Log,
     run: Path | None = None,
-) -> tuple[dict, float]:
-    """Prepend and train block ``spec.block``; returns (loop record as dict, held-out CE at r_k)."""
+) -> StageResult:
+    """Prepend and train block ``spec.block`` on a model holding the stored suffix k+1..L."""
+    device = backend.device
     seed_everything(cfg.train.seed, spec.block)
     L = model.num_blocks
     if spec.trains_ends:
@@ -184,12 +271,12 @@ def train_stage(
     model.train()
 
     params = list(model.trainable_parameters())
-    engine = PlainEngine(params, cfg, spec.steps)
+    reset_peak(device)
+    engine = backend.engine(model, params, spec.steps)
     mask_id = corpus.mask_token_id
     B, T = cfg.train.batch_size, corpus.train.shape[1]
     next_ratio = cfg.ratios()[spec.block] if spec.block < L else None
     consistency = cfg.stability.consistency_weight if next_ratio is not None else 0.0
-    reset_peak(device)
 
     def loss_fn(step: int, rows: slice) -> torch.Tensor:
         sample_ids, epochs = batch_positions(len(corpus.train), step, B, cfg.train.seed, stream=spec.block)
@@ -231,67 +318,78 @@ def train_stage(
             raise Preempted(saved, done)
 
     label = f"block {spec.block}/{model.num_blocks} r={spec.ratio:.3f}"
-    record = run_loop(
-        engine, loss_fn, steps=spec.steps, tokens_per_step=B * T, label=label, log=log,
-        log_every=cfg.train.log_every, metrics_file=None if run is None else run / "metrics.jsonl",
-        start_step=start_step, losses=losses, after_step=after_step,
-    )
-    account = {**stage_account(model, spec.block, engine.optimizer), **peak_bytes(device),
-               "trainable_adapter_blocks": adapters}
-    del engine
-    model.checkpoint_from = None
-    fold(block)
-    block.requires_grad_(False)
-    model.freeze_ends(True)
-    model.eval()
-    with autocast(cfg, device):
-        ce = heldout_ce(
-            lambda x: model(x, start=spec.block), corpus.heldout, spec.ratio, mask_token_id=mask_id,
-            seed=cfg.train.seed, batch_size=B, batches=cfg.train.eval_batches, device=device,
+    try:
+        record = run_loop(
+            engine, loss_fn, steps=spec.steps, tokens_per_step=B * T, label=label, log=log,
+            log_every=cfg.train.log_every, metrics_file=run / "metrics.jsonl" if run and backend.is_main else None,
+            start_step=start_step, losses=losses, after_step=after_step,
         )
-    return {"losses": record.losses, "tokens": record.tokens, "seconds": record.seconds, "memory": account}, ce
+        memory = {**stage_account(model, spec.block, getattr(engine, "torch_optimizer", engine.optimizer)),
+                  **peak_bytes(device),
+                  "trainable_adapter_blocks": adapters}
+        model.eval()
+        with autocast(cfg, device):
+            ce = heldout_ce(
+                lambda x: model(x, start=spec.block), corpus.heldout, spec.ratio, mask_token_id=mask_id,
+                seed=cfg.train.seed, batch_size=B, batches=cfg.train.eval_batches, device=device,
+            )
+        snapshot = snapshot_trained(model, spec.block, engine)
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()
+    return StageResult(record.losses, record.tokens, record.seconds, ce, memory, snapshot)
 
 
-def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after: int | None = None) -> None:
-    """Grow every block not yet stored in ``run``, right to left, committing each stage."""
-    device = resolve_device(cfg.train.device)
-    model = build_model(cfg, corpus.tokenizer).to(device)
+def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after: int | None = None,
+             backend: Backend | None = None) -> None:
+    """Grow every block not yet stored in ``run``, right to left, committing each stage.
+
+    Each stage starts from a model rebuilt from the committed stages -- the same path a
+    resume takes -- so nothing of an earlier stage's engine survives into the next.
+    """
+    backend = backend or Backend(cfg)
+    device = backend.device
     stages = list_stages(run, verify=True)
     if stages:
-        restore_suffix(model, stages, cfg, device)
-        log(f"resuming: blocks {min(stages)}..{cfg.model.num_blocks} restored from {run}")
+        log(f"resuming: blocks {min(stages)}..{cfg.model.num_blocks} are stored in {run}")
     L = cfg.model.num_blocks
     for spec in stage_specs(cfg):
         if spec.block in stages:
             continue
-        record, ce = train_stage(model, spec, corpus, cfg, device, log=log, run=run)
-        weights = model.block_state_dict(spec.block)
-        if spec.trains_ends:
-            weights.update(model.ends_state_dict())
-        manifest = {
-            "ratio": spec.ratio,
-            "steps": spec.steps,
-            "tokens_seen": record["tokens"],
-            "heldout_ce": ce,
-            "final_train_loss": record["losses"][-1],
-            "losses": record["losses"],
-            "train_seconds": record["seconds"],
-            "memory": record["memory"],
-            "data": {
-                "source": cfg.data.source,
-                "train_sequences": int(corpus.train.shape[0]),
-                "heldout_sequences": int(corpus.heldout.shape[0]),
-                "position": spec.steps * cfg.train.batch_size,
-            },
-            "schedule": cfg.ratios(),
-            "config": cfg.to_dict(),
-            "versions": versions(),
-        }
-        writers = [lambda d: write_adapters(model, cfg.lora, d)] if cfg.lora.enabled and spec.block < L else []
-        write_stage(run, spec.block, weights, manifest, max_shard_size=cfg.store.max_shard_size,
-                    tokenizer=corpus.tokenizer, extra_writers=writers)
-        shutil.rmtree(checkpoint_root(run, spec.block), ignore_errors=True)  # superseded by the stage
-        log(f"stage {spec.block:02d} committed: held-out masked CE at r={spec.ratio:.3f} is {ce:.4f} "
-            f"({record['seconds']:.1f} s)")
+        model = build_model(cfg, corpus.tokenizer).to(device)
+        if stages:
+            restore_suffix(model, stages, cfg, device)
+        result = train_stage(model, spec, corpus, cfg, backend, log=log, run=run)
+        if backend.is_main:
+            weights, adapters = stage_files(model, cfg, spec, result.snapshot, stages.get(spec.block + 1))
+            manifest = {
+                "ratio": spec.ratio,
+                "steps": spec.steps,
+                "tokens_seen": result.tokens,
+                "heldout_ce": result.heldout_ce,
+                "final_train_loss": result.losses[-1],
+                "losses": result.losses,
+                "train_seconds": result.seconds,
+                "memory": result.memory,
+                "world_size": backend.world,
+                "data": {
+                    "source": cfg.data.source,
+                    "train_sequences": int(corpus.train.shape[0]),
+                    "heldout_sequences": int(corpus.heldout.shape[0]),
+                    "position": spec.steps * cfg.train.batch_size,
+                },
+                "schedule": cfg.ratios(),
+                "config": cfg.to_dict(),
+                "versions": versions(),
+            }
+            writers = [lambda d: write_adapters(adapters, cfg.lora, d)] if adapters is not None else []
+            write_stage(run, spec.block, weights, manifest, max_shard_size=cfg.store.max_shard_size,
+                        tokenizer=corpus.tokenizer, extra_writers=writers)
+            shutil.rmtree(checkpoint_root(run, spec.block), ignore_errors=True)  # superseded by the stage
+            log(f"stage {spec.block:02d} committed: held-out masked CE at r={spec.ratio:.3f} is "
+                f"{result.heldout_ce:.4f} ({result.seconds:.1f} s)")
+        backend.barrier()
+        del model, result
+        stages = list_stages(run, verify=False)
         if stop_after is not None and spec.block == stop_after:
             break

@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # The tiny growth job on the embedded default data (World English Bible), end to end:
-# set up .venv, grow 6 blocks right to left, show the run.
+# set up .venv, grow 6 blocks right to left, show the run, export a stock Hugging Face
+# model, and sample from both the run and the export. A second call resumes / reuses.
 set -euo pipefail
 EXTRAS=demo
 source "$(dirname "$0")/setup_env.sh"
 RUN="${RUN:-runs/demo}"
+EXPORT="${EXPORT:-$RUN-hf}"
 if [ -f "$RUN/grow.yaml" ]; then
   grow train configs/tiny.yaml --out "$RUN" --resume "$@"
 else
   grow train configs/tiny.yaml --out "$RUN" "$@"
 fi
 grow status "$RUN"
+grow export "$RUN" --out "$EXPORT" --overwrite
+echo "--- depth sampler (one forward pass through the grown stack) on the run:"
+grow sample "$RUN" --prompt "In the beginning" --length 48 --mode depth --seed 0
+echo "--- iterative sampler (32 steps) on the exported EuroBertForMaskedLM:"
+grow sample "$EXPORT" --prompt "In the beginning" --length 48 --mode iterative --steps 32 --seed 0

@@ -69,22 +69,25 @@ def _snapshot(module):
 def test_stage_trains_only_block_k_and_adapters_and_leaves_the_suffix_bitwise_unchanged(tmp_path, corpus_file, quant):
     from grow.data import load_corpus
     from grow.quant import adapter_blocks, is_quantized
+    from grow.stages import Backend
 
     cfg = tiny_config(corpus_file, blocks=3, extra=[f"quant.enabled={str(quant).lower()}"])
-    corpus = load_corpus(cfg.data, tmp_path / "tok", 0, log=lambda s: None)
+    run = tmp_path / "run"
+    run.mkdir()
+    corpus = load_corpus(cfg.data, run / "tokenizer", 0, log=lambda s: None)
+    grow_run(cfg, run, corpus, log=lambda s: None, stop_after=2)  # blocks 3 and 2 stored
     model = build_model(cfg, corpus.tokenizer)
-    s3, s2, s1 = stage_specs(cfg)
-    assert (s3.block, s3.trains_ends, s1.block, s1.trains_ends) == (3, True, 1, False)
-    cpu = torch.device("cpu")
-    train_stage(model, s3, corpus, cfg, cpu, log=lambda s: None)
-    record, _ = train_stage(model, s2, corpus, cfg, cpu, log=lambda s: None)
+    restore_suffix(model, list_stages(run), cfg, torch.device("cpu"))
+    _, _, s1 = stage_specs(cfg)
+    assert s1.block == 1 and not s1.trains_ends
     assert is_quantized(model.block(3)) == quant and not is_quantized(model.block(2))
-    frozen = {k: v for k, v in _snapshot(model.block(3)).items() if "lora_" not in k}
+    frozen3 = {k: v for k, v in _snapshot(model.block(3)).items() if "lora_" not in k}
     ends = {k: v.clone() for k, v in model.ends_state_dict().items()}
     adapter3 = {k: v for k, v in _snapshot(model.block(3)).items() if "lora_" in k}
-    record, ce = train_stage(model, s1, corpus, cfg, cpu, log=lambda s: None)
+    result = train_stage(model, s1, corpus, cfg, Backend(cfg), log=lambda s: None)
+    assert is_quantized(model.block(2)) == quant  # block 2 joined the 4-bit suffix for stage 1
     after = _snapshot(model.block(3))
-    for name, tensor in frozen.items():
+    for name, tensor in frozen3.items():
         assert torch.equal(tensor, after[name]), name  # 4-bit data and quant state untouched
     for name, tensor in ends.items():
         assert torch.equal(tensor, model.ends_state_dict()[name]), name
@@ -92,15 +95,17 @@ def test_stage_trains_only_block_k_and_adapters_and_leaves_the_suffix_bitwise_un
     assert adapter_blocks(model) == [2, 3]
     block_params = sum(p.numel() for p in model.block(1).parameters())
     adapter_params = sum(p.numel() for k in (2, 3) for n, p in model.block(k).named_parameters() if "lora_" in n)
-    memory = record["memory"]
+    memory = result.memory
     assert memory["trainable_params"] == block_params + adapter_params
     assert memory["adapters"]["trainable_params"] == adapter_params
     assert memory["block"]["params"] == block_params
     assert memory["optimizer_state"]["bytes"] == 2 * 4 * (block_params + adapter_params)  # AdamW m, v in fp32
+    # Only block 1 and the adapters were trained, so only they are in the snapshot (+ block 1 buffers).
+    assert all(k.startswith("blocks.0.") or "lora_" in k for k in result.snapshot)
     if quant:
         # Far below fp32 even at width 32, where the per-layer code tables still weigh in.
         assert memory["suffix_4bit"]["params"] > 0 and memory["suffix_4bit"]["bytes_per_param"] < 1.5
-    assert ce > 0 and model.first_block == 1
+    assert result.heldout_ce > 0 and model.first_block == 1
 
 
 def test_run_directory_layout_and_manifest(tmp_path, corpus_file):
