@@ -39,7 +39,7 @@ def _unique_bytes(tensors) -> tuple[int, int]:
 
 def quant_state_tensors(weight) -> list[torch.Tensor]:
     """A bitsandbytes 4-bit weight's data and every tensor of its (nested) quantization state."""
-    out = [weight.data]
+    out = [weight]  # the parameter itself: under ZeRO-3 its .data is empty and ds_tensor holds the partition
     state = getattr(weight, "quant_state", None)
     while state is not None:
         out += [t for t in (state.absmax, state.code, getattr(state, "offset", None)) if isinstance(t, torch.Tensor)]
