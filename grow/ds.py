@@ -29,6 +29,7 @@ import torch
 from grow.config import GrowConfig
 from grow.engine import LossFn, check_finite, lr_lambda
 from grow.errors import UserError
+from grow.model import power_iteration
 
 AUTO = "auto"
 
@@ -145,7 +146,8 @@ class DeepSpeedEngine:
         total = torch.zeros((), device=self.engine.device)
         for a in range(self.accum):
             start = (a * self.world + self.rank) * self.micro
-            loss = loss_fn(step, slice(start, start + self.micro))
+            with power_iteration(self.engine.module, a == 0):
+                loss = loss_fn(step, slice(start, start + self.micro))
             check_finite(loss, step)
             self.engine.backward(loss)
             self.engine.step()

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from grow.config import GrowConfig
+from grow.model import power_iteration
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,10 +69,11 @@ class PlainEngine:
 
     is_main = True
 
-    def __init__(self, params: list[torch.nn.Parameter], cfg: GrowConfig, total_steps: int) -> None:
+    def __init__(self, params: list[torch.nn.Parameter], cfg: GrowConfig, total_steps: int, model=None) -> None:
         if not params:
             raise ValueError("a stage must train at least one parameter")
         self.params = params
+        self.model = model
         self.cfg = cfg
         self.optimizer = torch.optim.AdamW(
             params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay
@@ -89,7 +91,8 @@ class PlainEngine:
         for start in range(0, B, micro):
             # Every row has the same number of masked tokens, so the mean of micro-batch means
             # is the mean over the batch.
-            loss = loss_fn(step, slice(start, start + micro))
+            with power_iteration(self.model, start == 0) if self.model is not None else contextlib.nullcontext():
+                loss = loss_fn(step, slice(start, start + micro))
             check_finite(loss, step)
             (loss * (micro / B)).backward()
             total += loss.item() * micro / B

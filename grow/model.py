@@ -19,12 +19,13 @@ Block ids are 1-based and fixed: block k always belongs to noise level r_k and i
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils.parametrizations import _SpectralNorm, spectral_norm
 from transformers import EuroBertConfig
 from transformers.models.eurobert.modeling_eurobert import (
     EuroBertDecoderLayer,
@@ -107,6 +108,25 @@ def fold(block: nn.Module) -> None:
         if parametrize.is_parametrized(linear, "weight"):
             parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
     block.train(was_training)
+
+
+@contextlib.contextmanager
+def power_iteration(model: nn.Module, enabled: bool):
+    """Run spectral norm's power iteration in this forward or not.
+
+    In training mode torch's spectral norm takes one power-iteration step per forward. With
+    gradient accumulation that would be one step per micro-batch; grow takes it once per
+    optimizer step (on the first micro-batch), so accumulating over micro-batches computes
+    what data parallelism over ranks computes.
+    """
+    modules = [m for m in model.modules() if isinstance(m, _SpectralNorm) and m.training] if not enabled else []
+    for m in modules:
+        m.train(False)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.train(True)
 
 
 def is_folded(block: nn.Module) -> bool:

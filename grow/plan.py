@@ -48,8 +48,11 @@ Model states after ZeRO, per GPU, for a trainable set of n parameters:
     the weights. LoRA adapters stay fp32 (4n + 4n + 8n) and are partitioned the same way.
     Frozen weights (the NF4 suffix, frozen adapters, frozen ends in quant.ends_dtype,
     the final norm in fp32 as grow.quant.cast_ends leaves it) are replicated on every GPU
-    -- also under ZeRO-3: we assume DeepSpeed does not shard bitsandbytes' packed 4-bit
-    parameters. Stage L trains block L and the ends; later stages train block k + adapters.
+    under ZeRO-0/1/2. ZeRO-3 partitions every module parameter, frozen ones included: each
+    GPU holds ceil(numel/N) of every packed 4-bit weight, norm, frozen adapter and frozen end
+    (measured in tests/test_deepspeed.py); bitsandbytes' quantization state (absmax, code
+    tables) is not a parameter and stays replicated. Stage L trains block L and the ends;
+    later stages train block k + adapters.
 
 Activations (estimate; per token, in elements of a bytes, assuming fused SDPA/flash
 attention -- no T x T score matrix -- whose log-sum-exp adds 4*n_h bytes per block):
@@ -194,13 +197,21 @@ def nf4_linear_bytes(in_features: int, out_features: int, quant: QuantConfig) ->
     return total
 
 
-def frozen_block_bytes(m: ModelConfig, quant: QuantConfig) -> int:
-    """One frozen suffix block without its adapter: NF4 linears + fp32 norms, or all fp32."""
+def frozen_block_bytes(m: ModelConfig, quant: QuantConfig, shards: int = 1) -> int:
+    """One frozen suffix block without its adapter on one GPU: NF4 linears + fp32 norms, or all fp32.
+
+    ``shards`` = N under ZeRO-3, which partitions every parameter (the packed 4-bit weights and
+    the norms) but not bitsandbytes' quantization state.
+    """
+    norms = 2 * 4 * _ceil_div(m.hidden_size, shards)
     if not quant.enabled:
-        return 4 * block_params(m)
-    return sum(nf4_linear_bytes(lin.in_features, lin.out_features, quant) for lin in block_linears(m)) + (
-        4 * 2 * m.hidden_size
-    )
+        return sum(4 * _ceil_div(lin.params, shards) for lin in block_linears(m)) + norms
+    total = norms
+    for lin in block_linears(m):
+        packed = _ceil_div(lin.params, 2)
+        state = nf4_linear_bytes(lin.in_features, lin.out_features, quant) - packed
+        total += _ceil_div(packed, shards) + state
+    return total
 
 
 def lora_params(m: ModelConfig, lora: LoraConfig) -> int:
@@ -575,9 +586,9 @@ def plan(
 
 def _assumptions(cfg: GrowConfig, par: Parallel) -> list[str]:
     notes = [
-        "frozen weights (NF4 suffix, frozen adapters, frozen ends) are replicated on every GPU"
-        + ("; under ZeRO-3 too: bitsandbytes' packed 4-bit parameters are assumed not to be sharded"
-           if par.zero_stage == 3 else ""),
+        ("ZeRO-3 partitions the frozen parameters too (packed 4-bit weights, norms, frozen adapters and "
+         "ends; measured); bitsandbytes' quantization state stays replicated on every GPU"
+         if par.zero_stage == 3 else "frozen weights (NF4 suffix, frozen adapters, frozen ends) are replicated on every GPU"),
         "activations and workspace are estimates (fused SDPA attention, no T x T scores); CUDA context, "
         "allocator fragmentation and communication buckets are not counted",
         "LoRA adapters are fp32 (weights 4 + grads 4 + AdamW 8 bytes per parameter)",
@@ -658,6 +669,11 @@ class _Setup:
             return 0
         return max(modules) * (2 if self.par.half else 4)
 
+    @property
+    def _frozen_shards(self) -> int:
+        """Over how many GPUs frozen parameters are partitioned: N under ZeRO-3, else 1."""
+        return self.par.gpus if self.par.zero_stage == 3 else 1
+
     def _ends_frozen(self) -> int:
         e = ends_params(self.cfg.model, self.vocab)
         return (DTYPE_BYTES[self.cfg.quant.ends_dtype] * (e["embed"] + e["head"]) + 4 * e["norm"]
@@ -688,8 +704,8 @@ class _Setup:
             ends_state = trainable_states(sum(e.values()), 3, self.par)
             ends_state.params += rope_bytes(m)
         else:
-            ends_state = States(params=self._ends_frozen())
-        suffix = s * frozen_block_bytes(m, cfg.quant)
+            ends_state = States(params=_ceil_div(self._ends_frozen(), self._frozen_shards))
+        suffix = s * frozen_block_bytes(m, cfg.quant, self._frozen_shards)
         # Adapters: every suffix block has one; the nearest lora.blocks are trainable.
         adapted = s if lora.enabled else 0
         trainable_adapters = min(adapted, lora.blocks if lora.blocks is not None else adapted)
@@ -697,7 +713,7 @@ class _Setup:
         n_lora = lora_params(m, lora)
         lora_state = trainable_states(trainable_adapters * n_lora, trainable_adapters * lora_tensors(lora), self.par,
                                       always_fp32=True)
-        lora_state.params += 4 * frozen_adapters * n_lora
+        lora_state.params += frozen_adapters * _ceil_div(4 * n_lora, self._frozen_shards)
         # Workspace (estimate).
         workspace = (self._weight_copies() + self._head_copy(trains_ends) + self._dequant(s)
                      + self._gather([P_b] + ([e["embed"], e["head"]] if trains_ends else [])))
@@ -767,8 +783,8 @@ class _Setup:
         flops = (L * (F + F_a) + F_h) + (L * (F + 2 * F_a) + F_h) + (L * (F + F_a) if self.ckpt else 0)
         return StagePlan(
             name="QLoRA everywhere", block=None, ratio=ratios[0], steps=0, tokens=0, trainable_params=L * n_lora,
-            block_state=States(), ends_state=States(params=self._ends_frozen()),
-            suffix=L * frozen_block_bytes(m, quant), lora_state=lora_state, workspace=workspace,
+            block_state=States(), ends_state=States(params=_ceil_div(self._ends_frozen(), self._frozen_shards)),
+            suffix=L * frozen_block_bytes(m, quant, self._frozen_shards), lora_state=lora_state, workspace=workspace,
             activations=acts, activations_ckpt=acts_ckpt, logits=self._logits(ratios[0]), grad_ckpt=self.ckpt,
             flops_per_token=flops, gpu_memory=self.gpu_memory,
         )

@@ -182,7 +182,7 @@ class Backend:
 
     def engine(self, model: GrowModel, params: list, steps: int):
         if self.ds_config is None:
-            return PlainEngine(params, self.cfg, steps)
+            return PlainEngine(params, self.cfg, steps, model=model)
         from grow.ds import DeepSpeedEngine
 
         return DeepSpeedEngine(model, params, self.cfg, self.ds_config, steps)

@@ -23,6 +23,7 @@ from grow.plan import (
     Parallel,
     adamw_state_bytes,
     block_forward_flops,
+    block_linears,
     block_params,
     ends_params,
     frozen_block_bytes,
@@ -255,12 +256,19 @@ def test_bf16_auto_follows_train_precision():
     assert not parse_deepspeed({"bf16": {"enabled": "auto"}}, 1, "fp32").half
 
 
-def test_zero3_partitions_the_trained_block_but_not_the_frozen_suffix():
+def test_zero3_partitions_the_trained_block_and_the_packed_suffix():
     cfg = medium()
     one = plan(cfg, gpus=1, deepspeed={"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}})
     eight = plan(cfg, gpus=8, deepspeed={"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}})
+    two = plan(cfg, gpus=8, deepspeed={"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
     a, b = one.stages[-1], eight.stages[-1]
-    assert b.suffix == a.suffix == 3 * frozen_block_bytes(cfg.model, cfg.quant)
+    assert a.suffix == 3 * frozen_block_bytes(cfg.model, cfg.quant) == two.stages[-1].suffix
+    assert b.suffix == 3 * frozen_block_bytes(cfg.model, cfg.quant, shards=8) < a.suffix
+    # Only the packed weights and norms are divided; the quantization state stays whole.
+    packed = sum(math.ceil(lin.params / 2) for lin in block_linears(cfg.model))
+    assert a.suffix - b.suffix == 3 * (packed - sum(math.ceil(math.ceil(lin.params / 2) / 8)
+                                                   for lin in block_linears(cfg.model))
+                                       + 8 * cfg.model.hidden_size - 8 * math.ceil(cfg.model.hidden_size / 8))
     assert b.block_state.optimizer == math.ceil(12 * block_params(cfg.model) / 8)
     assert b.lora_state.optimizer == math.ceil(8 * 3 * lora_params(cfg.model, cfg.lora) / 8)
     assert any("ZeRO-3" in note for note in eight.assumptions)
