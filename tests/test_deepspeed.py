@@ -107,7 +107,8 @@ def test_two_ranks_match_one_rank(tmp_path, corpus, zero, accumulate):
         for name in w1[k]:
             assert_close_weights(w1[k][name], w2[k][name], name)
         assert m1[k]["losses"] == pytest.approx(m2[k]["losses"], abs=1e-5)
-        assert m1[k]["losses"][0] == m2[k]["losses"][0]  # the same model and batch before any update
+        if accumulate:  # the same model, the same two half batches, before any update
+            assert m1[k]["losses"][0] == m2[k]["losses"][0]
 
 
 def test_zero3_shards_the_4bit_suffix_and_matches_one_rank(tmp_path, corpus):
