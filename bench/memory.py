@@ -5,9 +5,11 @@
 
 For each shape it measures, in a fresh subprocess each (so the CPU peak RSS is the
 measurement's own):
-  growth  the deepest stage (k = 1): block 1 trains with spectral norm and gamma, blocks 2..L
-          are 4-bit NF4 with LoRA adapters, embeddings/head frozen (the worst stage for memory);
-  joint   the same model in plain float, every parameter trainable (full training).
+  growth       the deepest stage (k = 1): block 1 trains with spectral norm and gamma, blocks
+               2..L are 4-bit NF4 with LoRA adapters, embeddings/head frozen (the worst stage);
+  growth+ckpt  the same with the frozen suffix recomputed in backward (train.checkpoint_suffix);
+  joint        the same model in plain float, every parameter trainable (full training).
+All three run stage 1's noise level (r = 1: every position masked).
 Model-state bytes are counted from the tensors (weights, grads, AdamW state); the peak is CUDA
 max allocated, or on CPU the peak RSS minus the RSS after imports. Step time is the mean of
 the measured steps after one warm-up step (forward + backward + optimizer step).
@@ -54,7 +56,7 @@ def measure(shape: str, mode: str, steps: int, batch: int, seq: int) -> dict:
     model = GrowModel(hf_config(cfg.model, VOCAB, {"mask": 2, "pad": 0, "eos": 1})).to(device)
     model.init_ends()
     L = cfg.model.num_blocks
-    if mode == "growth":
+    if mode.startswith("growth"):
         for k in range(L, 1, -1):
             block = model.new_block(k)
             add_stability(block, cfg.stability)
@@ -68,13 +70,16 @@ def measure(shape: str, mode: str, steps: int, batch: int, seq: int) -> dict:
         add_stability(block, cfg.stability)
         model.prepend_block(block)
         set_adapter_trainable(model, 1, cfg.lora)
+        # growth+ckpt: recompute the frozen suffix in backward (train.checkpoint_suffix).
+        model.checkpoint_from = 2 if mode == "growth+ckpt" else None
     else:
         for k in range(L, 0, -1):
             model.prepend_block(model.new_block(k))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(3, VOCAB, (batch, seq), device=device)
-    mask = nested_mask(mask_scores(range(batch), seq, 0), 1.0 if mode == "growth" else 0.5).to(device)
+    # Stage 1's noise level for every mode: all positions masked, the head runs on all of them.
+    mask = nested_mask(mask_scores(range(batch), seq, 0), 1.0).to(device)
     x = corrupt(ids, mask, 2)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -91,7 +96,7 @@ def measure(shape: str, mode: str, steps: int, batch: int, seq: int) -> dict:
             torch.cuda.synchronize()
         if step:
             times.append(time.perf_counter() - t0)
-    if mode == "growth":
+    if mode.startswith("growth"):
         account = stage_account(model, 1, optimizer)
         state = account["model_state_bytes"]
     else:
@@ -117,7 +122,7 @@ def main() -> None:
 
     rows = {}
     for shape in SHAPES:
-        for mode in ("growth", "joint"):
+        for mode in ("growth", "growth+ckpt", "joint"):
             out = subprocess.run(
                 [sys.executable, __file__, "--one", shape, mode, "--steps", str(args.steps), "--batch",
                  str(args.batch), "--seq", str(args.seq)],
@@ -127,15 +132,18 @@ def main() -> None:
     device = next(iter(rows.values()))["device"]
     print(f"growth stage k=1 (4-bit suffix + LoRA) vs joint full training; device {device}, "
           f"batch {args.batch} x {args.seq}, {args.steps} timed steps")
-    print(f"{'shape':<16} {'':>8} {'trainable':>12} {'model state':>12} {'peak':>12} {'step':>9}")
+    print(f"{'shape':<16} {'':>18} {'trainable':>12} {'model state':>12} {'peak':>12} {'step':>9}")
     for shape in SHAPES:
-        g, j = rows[shape, "growth"], rows[shape, "joint"]
-        for name, r in (("growth", g), ("joint", j)):
-            print(f"{shape:<16} {name:>8} {r['trainable']:>12,} {format_bytes(r['state_bytes']):>12} "
+        j = rows[shape, "joint"]
+        for name in ("growth", "growth+ckpt", "joint"):
+            r = rows[shape, name]
+            print(f"{shape:<16} {name:>18} {r['trainable']:>12,} {format_bytes(r['state_bytes']):>12} "
                   f"{format_bytes(r['peak_bytes']):>12} {1000 * r['step_s']:>7.0f}ms")
-        print(f"{shape:<16} {'ratio':>8} {g['trainable'] / j['trainable']:>12.3f} "
-              f"{g['state_bytes'] / j['state_bytes']:>12.3f} {g['peak_bytes'] / j['peak_bytes']:>12.3f} "
-              f"{g['step_s'] / j['step_s']:>9.2f}")
+        for name in ("growth", "growth+ckpt"):
+            g = rows[shape, name]
+            print(f"{shape:<16} {name + '/joint':>18} {g['trainable'] / j['trainable']:>12.3f} "
+                  f"{g['state_bytes'] / j['state_bytes']:>12.3f} {g['peak_bytes'] / j['peak_bytes']:>12.3f} "
+                  f"{g['step_s'] / j['step_s']:>9.2f}")
 
 
 if __name__ == "__main__":
