@@ -20,22 +20,8 @@ from test_sample import CONFIGS, linear_ratios, make_export, make_model, make_to
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return make_model(tokenizer)
+# The same module-scoped fixtures as the sampler tests (one intra-op thread, a tiny model).
+from test_sample import _one_thread, model, tokenizer  # noqa: E402,F401  (pytest fixtures)
 
 
 def heldout_ids(vocab: int, rows: int = 24, T: int = 32) -> torch.Tensor:
