@@ -17,8 +17,10 @@ import yaml
 from grow.errors import UserError
 from grow.store import write_text_atomic
 
-CRITICAL_SECTIONS = ("model",)
-CRITICAL_FIELDS = ("data.seq_len", "data.tokenizer", "data.vocab_size", "stability.spectral_norm")
+# Settings that define blocks already grown (or how they are rebuilt): a resume may not change them.
+CRITICAL_SECTIONS = ("model", "schedule", "quant")
+CRITICAL_FIELDS = ("data.seq_len", "data.tokenizer", "data.vocab_size", "stability.spectral_norm",
+                   "lora.enabled", "lora.rank", "lora.alpha", "lora.targets", "lora.blocks")
 
 
 def _log_to(run: Path | None):
@@ -191,6 +193,17 @@ def cmd_status(args: argparse.Namespace) -> None:
             if ckpt is not None:
                 state += f", checkpoint at step {int(ckpt.name.split('-')[1])}/{config.steps_for(k)}"
             print(f"{k:>5}  {ratios[k - 1]:>6.3f}  {'-':>6}  {'-':>12}  {'-':>10}  {'-':>10}  {state}")
+    if stages:
+        print(f"\nmemory per stage (model state = trainable block + grads + optimizer + suffix + adapters + ends):")
+        print(f"{'block':>5}  {'trainable':>11}  {'model state':>11}  {'4-bit suffix':>12}  {'B/param':>7}  "
+              f"{'adapters':>9}  {'peak':>10}  peak kind")
+        for k in range(L, 0, -1):
+            if k in stages and "memory" in stages[k].manifest:
+                mem = stages[k].manifest["memory"]
+                q = mem["suffix_4bit"]
+                print(f"{k:>5}  {mem['trainable_params']:>11,}  {format_bytes(mem['model_state_bytes']):>11}  "
+                      f"{format_bytes(q['bytes']):>12}  {q['bytes_per_param']:>7.3f}  "
+                      f"{mem['adapters']['params']:>9,}  {format_bytes(mem['peak_bytes']):>10}  {mem['peak_kind']}")
     pending = [k for k in range(L, 0, -1) if k not in stages]
     if pending:
         k = pending[0]

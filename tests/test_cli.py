@@ -27,8 +27,13 @@ def test_two_stage_run_then_status(tmp_path, corpus_file, capsys):
     assert (run / "grow.yaml").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
     assert run_cli("status", run, "--verify") == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = [line.split() for line in lines if line.strip() and line.split()[0].isdigit()]
+    table = lines[: lines.index("")]
+    rows = [line.split() for line in table if line.strip() and line.split()[0].isdigit()]
     assert [r[0] for r in rows] == ["2", "1"] and all(r[-1] == "done" for r in rows)
+    memory = [line.split() for line in lines[lines.index(""):] if line.strip() and line.split()[0].isdigit()]
+    assert [m[0] for m in memory] == ["2", "1"]
+    # Columns from the right: B/param, adapters, peak (number + unit), peak kind.
+    assert memory[0][-5] == "0.000" and float(memory[1][-5]) > 0  # stage L has no 4-bit suffix yet
     assert rows[0][1] == "0.200" and rows[1][1] == "1.000"
     assert "complete" in lines[-1]
 
@@ -63,8 +68,15 @@ def test_resume_refuses_changed_architecture(tmp_path, corpus_file, capsys):
     sets = tiny_overrides(corpus_file, blocks=2)
     assert run_cli("train", "configs/tiny.yaml", "--out", run, "--stop-after", 2, *sets) == 0
     capsys.readouterr()
-    assert run_cli("train", "configs/tiny.yaml", "--out", run, "--resume", *sets, "--set", "model.hidden_size=64") == 2
-    assert "model.hidden_size" in capsys.readouterr().err
+    for change, key in [("model.hidden_size=64", "model.hidden_size"), ("schedule.r_min=0.1", "schedule.r_min"),
+                        ("quant.quant_type=fp4", "quant.quant_type"), ("lora.rank=4", "lora.rank"),
+                        ("lora.targets=[q_proj]", "lora.targets")]:
+        assert run_cli("train", "configs/tiny.yaml", "--out", run, "--resume", *sets, "--set", change) == 2
+        err = capsys.readouterr().err
+        assert "architecture-critical" in err and key in err, change
+    # Steps, learning rate and logging may change.
+    assert run_cli("train", "configs/tiny.yaml", "--out", run, "--resume", *sets, "--set", "train.lr=1e-4",
+                   "--set", "train.log_every=1") == 0
 
 
 @pytest.mark.parametrize(

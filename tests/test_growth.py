@@ -159,3 +159,36 @@ def test_a_stage_without_manifest_or_with_a_bad_hash_does_not_exist(tmp_path, co
     assert "bytes" in stage_problem(path, verify=False)
     (path / MANIFEST).unlink()
     assert stage_problem(path) == "no manifest (incomplete write)"
+
+
+def test_consistency_loss_changes_only_stages_with_a_suffix(tmp_path, corpus_file):
+    """lambda > 0 adds MSE(block k output, embedding of the sample at r_{k+1}): stage L has no
+    r_{L+1}, so its losses are unchanged; stage k < L trains differently."""
+    from grow.data import load_corpus
+
+    losses = {}
+    for weight in (0.0, 1.0):
+        cfg = tiny_config(corpus_file, blocks=2, extra=[f"stability.consistency_weight={weight}"])
+        run = tmp_path / f"w{weight}"
+        run.mkdir()
+        corpus = load_corpus(cfg.data, run / "tokenizer", 0, log=lambda s: None)
+        grow_run(cfg, run, corpus, log=lambda s: None)
+        losses[weight] = {k: s.manifest["losses"] for k, s in list_stages(run).items()}
+    assert losses[0.0][2] == losses[1.0][2]
+    assert all(b > a for a, b in zip(losses[0.0][1][:1], losses[1.0][1][:1]))  # the extra term adds to the loss
+    assert losses[0.0][1] != losses[1.0][1]
+
+
+def test_bf16_autocast_stage_on_cpu(tmp_path, corpus_file):
+    from grow.data import load_corpus
+
+    cfg = tiny_config(corpus_file, blocks=2, extra=["train.precision=bf16", "quant.compute_dtype=bf16"])
+    run = tmp_path / "run"
+    run.mkdir()
+    corpus = load_corpus(cfg.data, run / "tokenizer", 0, log=lambda s: None)
+    grow_run(cfg, run, corpus, log=lambda s: None)
+    stages = list_stages(run, verify=True)
+    assert sorted(stages) == [1, 2]
+    # Master weights and the store stay fp32; only the compute ran in bf16.
+    assert all(t.dtype == torch.float32 for t in stages[1].weights().values())
+    assert all(torch.isfinite(torch.tensor(stages[k].manifest["losses"])).all() for k in stages)
