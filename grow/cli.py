@@ -370,16 +370,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="grow a run, stage L first (resumable)",
                        description="Grow every block of CONFIG into the run directory --out. Each finished "
-                       "stage is committed as RUN/stage-kk with a manifest; a stage without one does not exist.")
+                       "stage is committed as RUN/stage-kk with a manifest; a stage without one does not exist. "
+                       "SIGTERM saves a mid-stage checkpoint and exits with code 143; continue with --resume.")
     p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
     p.add_argument("--out", required=True, metavar="RUN", help="run directory")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a config field, e.g. --set train.steps=50 (repeatable; value is YAML)")
-    p.add_argument("--resume", action="store_true", help="continue a run: stored stages are kept")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run from its newest valid mid-stage checkpoint, or after its newest stage")
     p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start afresh")
     p.add_argument("--deepspeed", metavar="JSON",
                    help="run every stage under DeepSpeed ZeRO with this config (see ds_configs/); "
-                   "launch with `deepspeed --num_gpus N -m grow train ...` for several processes")
+                   "launch with `deepspeed --num_gpus N --module grow train ...` for several processes")
     p.add_argument("--from-stage", type=int, metavar="K",
                    help="re-grow from block K: keep stages K+1..L, move stages K..1 aside (implies --resume)")
     p.add_argument("--stop-after", type=int, metavar="K", help="stop after committing the stage of block K")
