@@ -85,3 +85,15 @@ def tiny_corpus(tmp_path, corpus_file):
     cfg = tiny_config(corpus_file)
     corpus = load_corpus(cfg.data, tmp_path / "tokenizer", cfg.train.seed, log=lambda s: None)
     return cfg, corpus
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA; they are skipped (never silently passed) without it."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
