@@ -6,7 +6,6 @@ User mistakes raise ``UserError``; ``main`` prints them as one line and exits wi
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
@@ -194,7 +193,7 @@ def cmd_status(args: argparse.Namespace) -> None:
                 state += f", checkpoint at step {int(ckpt.name.split('-')[1])}/{config.steps_for(k)}"
             print(f"{k:>5}  {ratios[k - 1]:>6.3f}  {'-':>6}  {'-':>12}  {'-':>10}  {'-':>10}  {state}")
     if stages:
-        print(f"\nmemory per stage (model state = trainable block + grads + optimizer + suffix + adapters + ends):")
+        print("\nmemory per stage (model state = trainable block + grads + optimizer + suffix + adapters + ends):")
         print(f"{'block':>5}  {'trainable':>11}  {'model state':>11}  {'4-bit suffix':>12}  {'B/param':>7}  "
               f"{'adapters':>9}  {'peak':>10}  peak kind")
         for k in range(L, 0, -1):

@@ -741,7 +741,7 @@ class _Setup:
 
     def full(self, ratios: list[float]) -> StagePlan:
         """Joint training of all L blocks and the ends: every weight trainable."""
-        cfg, m = self.cfg, self.cfg.model
+        m = self.cfg.model
         L, P_b = m.num_blocks, block_params(m)
         e = ends_params(m, self.vocab)
         n = L * P_b + sum(e.values())

@@ -352,7 +352,6 @@ def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after
     stages = list_stages(run, verify=True)
     if stages:
         log(f"resuming: blocks {min(stages)}..{cfg.model.num_blocks} are stored in {run}")
-    L = cfg.model.num_blocks
     for spec in stage_specs(cfg):
         if spec.block in stages:
             continue

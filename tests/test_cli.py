@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_overrides, write_corpus
+from conftest import tiny_overrides
 from grow.cli import COMMANDS, build_parser, main
 from grow.store import list_stages
 

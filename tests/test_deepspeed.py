@@ -7,7 +7,6 @@ points it into the checkout), so only the first run of a fresh clone pays for it
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -15,7 +15,7 @@ from grow.cli import main
 from grow.errors import UserError
 from grow.evaluate import evaluate_denoiser, heldout_ce, mdlm_elbo, parse_ratios, plot_report, sample_stats
 from grow.inference import Loaded, load_denoiser
-from test_sample import CONFIGS, linear_ratios, make_export, make_model, make_tokenizer
+from test_sample import CONFIGS, linear_ratios, make_export, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

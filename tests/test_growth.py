@@ -1,6 +1,5 @@
 """Model, stages and the stage store: the right-to-left growth mechanics."""
 
-import json
 
 import pytest
 import torch

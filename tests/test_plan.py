@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from grow.cli import main
-from grow.config import LoraConfig, ModelConfig, QuantConfig, StabilityConfig, load_config
+from grow.config import LoraConfig, QuantConfig, StabilityConfig, load_config
 from grow.model import GrowModel, add_stability, hf_config
 from grow.plan import (
     Parallel,

@@ -1,6 +1,5 @@
 """Resume is exact: a killed-and-resumed run ends bitwise equal to an uninterrupted one."""
 
-import json
 import os
 import signal
 import subprocess
