@@ -317,7 +317,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------ export
 
 
-def cmd_export(args: argparse.Namespace) -> None:
+def cmd_export(args: argparse.Namespace) -> int | None:
     from grow.export import HubError, check_repo_id, export_run, hub_token, push_to_hub, retry_hint
 
     repo_id = args.push_to_hub
@@ -342,7 +342,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"grow: error: --push-to-hub: upload to {repo_id} failed ({exc}); the export in {out} is complete, "
               f"retry with: {retry_hint(repo_id, out, args.revision, args.private)} "
               "(or re-run this command with --overwrite)", file=sys.stderr)
-        raise SystemExit(1) from None
+        return 1
 
 
 # ------------------------------------------------------------------------ parser
@@ -485,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        # A command returns None (success) or an exit code for failures that are not user input.
+        code = COMMANDS[args.command](args)
     except UserError as exc:
         print(f"grow: error: {exc}", file=sys.stderr)
         return 2
@@ -499,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"grow: {exc}; continue with --resume", file=sys.stderr)
         return 143
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":
