@@ -6,10 +6,12 @@ Stage k:
   3. corrupt each batch at r_k with the nested deterministic mask;
   4. train block k (stage L: block L + embedding + norm + head) so that blocks k..L
      reconstruct the masked tokens through the shared head;
-  5. fold block k's parametrizations, measure held-out CE at r_k, commit ``stage-kk``.
+  5. measure held-out CE at r_k, snapshot what trained (fp32, whole -- DeepSpeed's master
+     copy under ZeRO), fold block k's parametrizations on a CPU replica, commit ``stage-kk``.
 
-Everything a stage needs is a function of (config, seed, k) and the stored stages k+1..L,
-which is what makes a resume between stages reproduce an uninterrupted run exactly.
+Every stage starts from a model rebuilt from the committed stages k+1..L, and everything else
+it needs is a function of (config, seed, k): an uninterrupted run and one resumed between
+stages take the very same path, and no engine state outlives its stage.
 """
 
 from __future__ import annotations
