@@ -97,3 +97,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def grow_in_process(run, cfg, stop_after=None):
+    """Load the corpus (tokenizer into RUN/tokenizer) and grow ``cfg`` into ``run``; returns the Corpus."""
+    from grow.data import load_corpus
+    from grow.stages import grow_run
+
+    run.mkdir(parents=True, exist_ok=True)
+    corpus = load_corpus(cfg.data, run / "tokenizer", cfg.train.seed, log=lambda s: None)
+    grow_run(cfg, run, corpus, log=lambda s: None, stop_after=stop_after)
+    return corpus

@@ -4,10 +4,10 @@
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import grow_in_process, tiny_config
 from grow.config import StabilityConfig
 from grow.model import GrowModel, add_stability, fold, hf_config, is_folded
-from grow.stages import build_model, grow_run, restore_suffix, stage_specs, train_stage
+from grow.stages import build_model, restore_suffix, stage_specs, train_stage
 from grow.store import INDEX, MANIFEST, list_stages, read_stage, stage_dir, stage_problem, sha256_file
 
 
@@ -66,15 +66,12 @@ def _snapshot(module):
 
 @pytest.mark.parametrize("quant", [True, False])
 def test_stage_trains_only_block_k_and_adapters_and_leaves_the_suffix_bitwise_unchanged(tmp_path, corpus_file, quant):
-    from grow.data import load_corpus
     from grow.quant import adapter_blocks, is_quantized
     from grow.stages import Backend
 
     cfg = tiny_config(corpus_file, blocks=3, extra=[f"quant.enabled={str(quant).lower()}"])
     run = tmp_path / "run"
-    run.mkdir()
-    corpus = load_corpus(cfg.data, run / "tokenizer", 0, log=lambda s: None)
-    grow_run(cfg, run, corpus, log=lambda s: None, stop_after=2)  # blocks 3 and 2 stored
+    corpus = grow_in_process(run, cfg, stop_after=2)  # blocks 3 and 2 stored
     model = build_model(cfg, corpus.tokenizer)
     restore_suffix(model, list_stages(run), cfg, torch.device("cpu"))
     _, _, s1 = stage_specs(cfg)
@@ -109,12 +106,8 @@ def test_stage_trains_only_block_k_and_adapters_and_leaves_the_suffix_bitwise_un
 
 def test_run_directory_layout_and_manifest(tmp_path, corpus_file):
     cfg = tiny_config(corpus_file)
-    from grow.data import load_corpus
-
     run = tmp_path / "run"
-    run.mkdir()
-    corpus = load_corpus(cfg.data, run / "tokenizer", 0, log=lambda s: None)
-    grow_run(cfg, run, corpus, log=lambda s: None)
+    corpus = grow_in_process(run, cfg)
     stages = list_stages(run, verify=True)
     assert sorted(stages) == [1, 2]
     tokenizer_files = {"tokenizer.json", "tokenizer_config.json"}
@@ -141,12 +134,8 @@ def test_run_directory_layout_and_manifest(tmp_path, corpus_file):
 
 
 def test_a_stage_without_manifest_or_with_a_bad_hash_does_not_exist(tmp_path, corpus_file):
-    cfg = tiny_config(corpus_file, blocks=1)
-    from grow.data import load_corpus
-
     run = tmp_path / "run"
-    run.mkdir()
-    grow_run(cfg, run, load_corpus(cfg.data, run / "tokenizer", 0, log=lambda s: None), log=lambda s: None)
+    grow_in_process(run, tiny_config(corpus_file, blocks=1))
     path = stage_dir(run, 1)
     assert read_stage(path) is not None
     shard = path / "model.safetensors"
@@ -163,15 +152,10 @@ def test_a_stage_without_manifest_or_with_a_bad_hash_does_not_exist(tmp_path, co
 def test_consistency_loss_changes_only_stages_with_a_suffix(tmp_path, corpus_file):
     """lambda > 0 adds MSE(block k output, embedding of the sample at r_{k+1}): stage L has no
     r_{L+1}, so its losses are unchanged; stage k < L trains differently."""
-    from grow.data import load_corpus
-
     losses = {}
     for weight in (0.0, 1.0):
-        cfg = tiny_config(corpus_file, blocks=2, extra=[f"stability.consistency_weight={weight}"])
         run = tmp_path / f"w{weight}"
-        run.mkdir()
-        corpus = load_corpus(cfg.data, run / "tokenizer", 0, log=lambda s: None)
-        grow_run(cfg, run, corpus, log=lambda s: None)
+        grow_in_process(run, tiny_config(corpus_file, blocks=2, extra=[f"stability.consistency_weight={weight}"]))
         losses[weight] = {k: s.manifest["losses"] for k, s in list_stages(run).items()}
     assert losses[0.0][2] == losses[1.0][2]
     assert all(b > a for a, b in zip(losses[0.0][1][:1], losses[1.0][1][:1]))  # the extra term adds to the loss
@@ -179,13 +163,8 @@ def test_consistency_loss_changes_only_stages_with_a_suffix(tmp_path, corpus_fil
 
 
 def test_bf16_autocast_stage_on_cpu(tmp_path, corpus_file):
-    from grow.data import load_corpus
-
-    cfg = tiny_config(corpus_file, blocks=2, extra=["train.precision=bf16", "quant.compute_dtype=bf16"])
     run = tmp_path / "run"
-    run.mkdir()
-    corpus = load_corpus(cfg.data, run / "tokenizer", 0, log=lambda s: None)
-    grow_run(cfg, run, corpus, log=lambda s: None)
+    grow_in_process(run, tiny_config(corpus_file, blocks=2, extra=["train.precision=bf16", "quant.compute_dtype=bf16"]))
     stages = list_stages(run, verify=True)
     assert sorted(stages) == [1, 2]
     # Master weights and the store stay fp32; only the compute ran in bf16.

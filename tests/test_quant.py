@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import grow_in_process, tiny_config
 from grow.config import ModelConfig, QuantConfig, StabilityConfig
 from grow.errors import UserError
 from grow.memory import fourbit_account, fourbit_linears
@@ -128,15 +128,12 @@ def test_stage_adapters_are_saved_in_peft_format_and_load_with_peft(tmp_path, co
     from safetensors.torch import load_file
     from transformers import EuroBertForMaskedLM
 
-    from grow.data import load_corpus
-    from grow.stages import build_model, grow_run
+    from grow.stages import build_model
     from grow.store import list_stages
 
     cfg = tiny_config(corpus_file, blocks=2)
     run = tmp_path / "run"
-    run.mkdir()
-    corpus = load_corpus(cfg.data, run / "tokenizer", 0, log=lambda s: None)
-    grow_run(cfg, run, corpus, log=lambda s: None)
+    corpus = grow_in_process(run, cfg)
     stage = list_stages(run, verify=True)[1]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(stage.manifest["files"])
     stored = load_file(stage.path / "adapter_model.safetensors")
