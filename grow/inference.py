@@ -73,34 +73,12 @@ def load_denoiser(path: str | Path, device: torch.device | str = "cpu", *, log: 
 
 
 def _load_run(run: Path, device: torch.device, log: Log) -> Loaded:
-    import yaml
+    from grow.stages import load_run
 
-    from grow.config import GrowConfig, from_dict
-    from grow.data import load_tokenizer
-    from grow.stages import build_model, restore_suffix
-    from grow.store import list_stages
-
-    cfg = from_dict(GrowConfig, yaml.safe_load((run / "grow.yaml").read_text()))
-    L = cfg.model.num_blocks
-    stages = list_stages(run)
-    if not stages:
-        raise UserError(f"RUN: {run} has no complete stage; train one with grow train CONFIG --out {run}")
-    present = [k for k in range(L, 0, -1) if k in stages]
-    suffix = []
-    for k in range(L, 0, -1):  # the usable blocks are the contiguous suffix ending at L
-        if k not in stages:
-            break
-        suffix.append(k)
-    if not suffix:
-        raise UserError(f"RUN: {run} has no complete stage for block {L}, which every suffix starts from")
-    if len(suffix) != len(present):
-        log(f"warning: {run}: stages {sorted(set(present) - set(suffix))} are not joined to block {L}; ignored")
-    tokenizer = load_tokenizer(run / "tokenizer")
-    model = build_model(cfg, tokenizer).to(device)
     # The network the last stage trained and measured: with quant/lora enabled that is the
-    # 4-bit suffix with its adapters, block first in full precision.
-    restore_suffix(model, {k: stages[k] for k in suffix}, cfg, device)
-    first = min(suffix)
+    # 4-bit suffix with its adapters, its first block in full precision.
+    cfg, model, tokenizer = load_run(run, device, log=log)
+    first, L = model.first_block, cfg.model.num_blocks
     if first > 1:
         log(f"note: {run} is grown only to blocks {first}..{L} of {L}; sampling uses that suffix "
             f"(its first block was trained at r={cfg.ratios()[first - 1]:.3f})")

@@ -124,26 +124,40 @@ def restore_suffix(model: GrowModel, stages: dict[int, Stage], cfg: GrowConfig, 
         load_adapter_state(model, load_file(stages[first].path / ADAPTER_WEIGHTS, device=str(device)))
 
 
-def load_run(run: Path, device: torch.device | str = "cpu", *, require_complete: bool = False):
+def load_run(run: Path, device: torch.device | str = "cpu", *, require_complete: bool = False,
+             log: Log | None = None):
     """(config, model, tokenizer) of a run as its newest stage left it, in eval mode.
 
     The model is exactly the one training used: the leftmost stored block in full
-    precision, the suffix in 4-bit with its adapters (per the run's config).
+    precision, the suffix in 4-bit with its adapters (per the run's config). A run still
+    growing yields the contiguous suffix of stages that ends at block L; stages not joined
+    to it (left behind by an interrupted --from-stage, say) are ignored with a warning.
     """
     from grow.config import from_dict
     from grow.data import load_tokenizer
 
     run = require_run(Path(run))
     cfg = from_dict(GrowConfig, yaml.safe_load((run / "grow.yaml").read_text()))
+    L = cfg.model.num_blocks
     stages = list_stages(run, verify=True)
     if not stages:
-        raise UserError(f"RUN: {run} has no complete stage yet")
-    if require_complete and min(stages) != 1:
-        raise UserError(f"RUN: {run} is grown down to block {min(stages)} only; finish it with grow train --resume")
+        raise UserError(f"RUN: {run} has no complete stage; train one with grow train CONFIG --out {run}")
+    suffix = []
+    for k in range(L, 0, -1):
+        if k not in stages:
+            break
+        suffix.append(k)
+    if not suffix:
+        raise UserError(f"RUN: {run} has no complete stage for block {L}, which every suffix starts from")
+    detached = sorted(set(stages) - set(suffix))
+    if detached and log is not None:
+        log(f"warning: {run}: stages {detached} are not joined to block {L}; ignored")
+    if require_complete and min(suffix) != 1:
+        raise UserError(f"RUN: {run} is grown down to block {min(suffix)} only; finish it with grow train --resume")
     tokenizer = load_tokenizer(run / "tokenizer")
     device = torch.device(device)
     model = build_model(cfg, tokenizer).to(device)
-    restore_suffix(model, stages, cfg, device)
+    restore_suffix(model, {k: stages[k] for k in suffix}, cfg, device)
     model.eval()
     return cfg, model, tokenizer
 
