@@ -177,6 +177,34 @@ def _count(ratio: float, n: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- depth = time
 
 
+def _depth_start(model, prompt, length, mask_id, ratios, temperature, top_p):
+    """Checks shared by the time-as-depth samplers; (x, masked, generated span per row)."""
+    _check(model, prompt, length, temperature=temperature, top_p=top_p)
+    L = model.num_blocks
+    if len(ratios) != L:
+        raise UserError(f"ratios: expected one noise level per block ({L}), got {len(ratios)}")
+    x, masked = _masked_input(prompt, length, mask_id)
+    return x, masked, masked.sum(1)
+
+
+def _unmask_to_level(model, hidden, x, masked, span, k, ratios, trace, *, mask_id, temperature, top_p, generator):
+    """After block k: unmask the most confident positions so r_{k+1} of the span stays masked
+    (none after block L), record the step in ``trace``; returns (x, masked, selected, candidates)."""
+    L = model.num_blocks
+    target = _count(ratios[k], span) if k < L else torch.zeros_like(span)
+    counts = (masked.sum(1) - target).clamp(min=0)
+    cand, conf = choose_at(model.head(hidden[masked]), masked, mask_id, temperature, top_p, generator)
+    select = top_per_row(conf, masked, counts)
+    x = torch.where(select, cand, x)
+    masked = masked & ~select
+    trace.append({
+        "step": len(trace) + 1, "block": k, "positions": _rows(select), "tokens": _rows(select, cand),
+        "remasked": [[] for _ in range(x.shape[0])], "confidence": _mean_conf(conf, select),
+        "masked_left": int(masked.sum()),
+    })
+    return x, masked, select, cand
+
+
 @torch.no_grad()
 def depth(
     model,
@@ -208,32 +236,18 @@ def depth(
     sequence changes at the layer input, while everything the blocks so far computed stays.
     Block k+1 then continues from that stream.
     """
-    _check(model, prompt, length, temperature=temperature, top_p=top_p)
-    L = model.num_blocks
-    if len(ratios) != L:
-        raise UserError(f"ratios: expected one noise level per block ({L}), got {len(ratios)}")
-    x, masked = _masked_input(prompt, length, mask_id)
-    span = masked.sum(1)
+    x, masked, span = _depth_start(model, prompt, length, mask_id, ratios, temperature, top_p)
     hidden = model.embed(x)
     mask_embedding = model.embed(torch.tensor([mask_id], device=x.device))
     trace, evals = [], 0
-    for k in range(model.first_block, L + 1):
+    for k in range(model.first_block, model.num_blocks + 1):
         if not masked.any():
             break
         hidden = model.forward_from(hidden, k, k)
         evals += 1
-        target = _count(ratios[k], span) if k < L else torch.zeros_like(span)
-        counts = (masked.sum(1) - target).clamp(min=0)
-        cand, conf = choose_at(model.head(hidden[masked]), masked, mask_id, temperature, top_p, generator)
-        select = top_per_row(conf, masked, counts)
-        x = torch.where(select, cand, x)
+        x, masked, select, cand = _unmask_to_level(model, hidden, x, masked, span, k, ratios, trace, mask_id=mask_id,
+                                                   temperature=temperature, top_p=top_p, generator=generator)
         hidden = hidden + select.unsqueeze(-1).to(hidden.dtype) * (model.embed(cand) - mask_embedding)
-        masked = masked & ~select
-        trace.append({
-            "step": len(trace) + 1, "block": k, "positions": _rows(select), "tokens": _rows(select, cand),
-            "remasked": [[] for _ in range(x.shape[0])], "confidence": _mean_conf(conf, select),
-            "masked_left": int(masked.sum()),
-        })
     return SampleResult(x, trace, forwards=1, block_evals=evals, prompt_length=prompt.shape[1])
 
 
@@ -263,30 +277,17 @@ def suffix(
     embeds it afresh, runs the suffix, and unmasks down to r_{k+1}. Costs sum_k (L-k+1)
     block evaluations (L(L+1)/2 for a complete run) instead of depth's L.
     """
-    _check(model, prompt, length, temperature=temperature, top_p=top_p)
-    L = model.num_blocks
-    if len(ratios) != L:
-        raise UserError(f"ratios: expected one noise level per block ({L}), got {len(ratios)}")
-    x, masked = _masked_input(prompt, length, mask_id)
-    span = masked.sum(1)
+    x, masked, span = _depth_start(model, prompt, length, mask_id, ratios, temperature, top_p)
     trace, forwards, evals = [], 0, 0
+    L = model.num_blocks
     for k in range(model.first_block, L + 1):
         if not masked.any():
             break
         hidden = model.forward_from(model.embed(x), start=k)
         forwards += 1
         evals += L - k + 1
-        target = _count(ratios[k], span) if k < L else torch.zeros_like(span)
-        counts = (masked.sum(1) - target).clamp(min=0)
-        cand, conf = choose_at(model.head(hidden[masked]), masked, mask_id, temperature, top_p, generator)
-        select = top_per_row(conf, masked, counts)
-        x = torch.where(select, cand, x)
-        masked = masked & ~select
-        trace.append({
-            "step": len(trace) + 1, "block": k, "positions": _rows(select), "tokens": _rows(select, cand),
-            "remasked": [[] for _ in range(x.shape[0])], "confidence": _mean_conf(conf, select),
-            "masked_left": int(masked.sum()),
-        })
+        x, masked, _, _ = _unmask_to_level(model, hidden, x, masked, span, k, ratios, trace, mask_id=mask_id,
+                                           temperature=temperature, top_p=top_p, generator=generator)
     return SampleResult(x, trace, forwards=forwards, block_evals=evals, prompt_length=prompt.shape[1])
 
 
