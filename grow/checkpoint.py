@@ -63,14 +63,14 @@ def checkpoint_root(run: Path, block: int) -> Path:
     return Path(run) / "checkpoints" / f"stage-{block:02d}"
 
 
-def trainable_state(model, block: int) -> dict[str, torch.Tensor]:
-    """Model tensors that a stage changes: block k's parameters and buffers, plus trainable ones."""
+def trained_tensors(model, block: int, *, master=None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """What a stage changes, on the CPU: every trainable parameter plus block k's buffers
+    (its spectral-norm vectors). ``master(param)`` supplies a parameter's value -- DeepSpeed's
+    whole fp32 master copy -- instead of the module's own; ``dtype`` casts every tensor."""
+    state = {name: master(p) if master else p for name, p in model.named_parameters() if p.requires_grad}
     prefix = f"blocks.{block - 1}."
-    state = {prefix + k: v for k, v in model.block(block).state_dict().items()}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            state[name] = param
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    state.update({prefix + name: b for name, b in model.block(block).named_buffers()})
+    return {k: v.detach().to("cpu", dtype or v.dtype).contiguous().clone() for k, v in state.items()}
 
 
 def rng_state() -> dict[str, Any]:
@@ -156,4 +156,4 @@ def load_trainable(path: Path, model, block: int, device) -> None:
 
 
 def save_trainable(path: Path, model, block: int) -> None:
-    save_file(trainable_state(model, block), path / "trainable.safetensors", metadata={"format": "pt"})
+    save_file(trained_tensors(model, block), path / "trainable.safetensors", metadata={"format": "pt"})

@@ -30,7 +30,8 @@ import yaml
 from safetensors.torch import load_file
 
 import grow
-from grow.checkpoint import PREEMPT, Preempted, checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
+from grow.checkpoint import (PREEMPT, Preempted, checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint,
+                             trained_tensors)
 from grow.config import GrowConfig
 from grow.data import Corpus, batch_positions
 from grow.engine import PlainEngine, autocast, resolve_device, run_loop
@@ -219,21 +220,12 @@ class StageResult:
 
 
 def snapshot_trained(model: GrowModel, block_id: int, engine) -> dict[str, torch.Tensor]:
-    """Block k's parameters and buffers and every trainable tensor, full and fp32, on the CPU.
+    """Everything stage k trained, whole and fp32 on the CPU.
 
     Under DeepSpeed the values come from the optimizer's fp32 master copy (whole, even under
     ZeRO-3), not from the possibly 16-bit, possibly partitioned module parameters.
     """
-    master = getattr(engine, "full_fp32", None)
-    state = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            value = master(param) if master else param
-            state[name] = value.detach().float().cpu().clone()
-    prefix = f"blocks.{block_id - 1}."
-    for name, buffer in model.block(block_id).named_buffers():
-        state[prefix + name] = buffer.detach().float().cpu().clone()
-    return state
+    return trained_tensors(model, block_id, master=getattr(engine, "full_fp32", None), dtype=torch.float32)
 
 
 def stage_files(model: GrowModel, cfg: GrowConfig, spec: StageSpec, snapshot: dict[str, torch.Tensor],
