@@ -42,11 +42,11 @@ def measure(shape: str, mode: str, steps: int, batch: int, seq: int) -> dict:
     import torch
 
     from grow.config import load_config
+    from grow.curriculum import stage_specs
     from grow.memory import stage_account
     from grow.model import GrowModel, add_stability, fold, hf_config
     from grow.noise import corrupt, mask_scores, masked_ce, nested_mask
-    from grow.quant import set_adapter_trainable
-    from grow.stages import prepare_suffix_block
+    from grow.quant import add_adapter, adapter_parameters, cast_ends, quantize_block
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sets = [f"model.{k}={v}" for k, v in SHAPES[shape].items()] + ["schedule.ratios=null", "train.steps=1"]
@@ -63,15 +63,19 @@ def measure(shape: str, mode: str, steps: int, batch: int, seq: int) -> dict:
             model.prepend_block(block)
             fold(block)
             block.requires_grad_(False)
+        # Stage L (block 1) as grow.assemble lays it out: the suffix in 4-bit with an adapter each.
         for k in range(L, 1, -1):
-            prepare_suffix_block(model, k, cfg, device)
+            quantize_block(model.block(k), cfg.quant, device)
+            add_adapter(model, k, cfg.lora)
+            for p in adapter_parameters(model, k):
+                p.requires_grad_(True)
+        cast_ends(model, cfg.quant)
         model.freeze_ends(True)
         block = model.new_block(1)
         add_stability(block, cfg.stability)
         model.prepend_block(block)
-        set_adapter_trainable(model, 1, cfg.lora)
         # growth+ckpt: recompute the frozen suffix in backward (train.checkpoint_suffix).
-        model.checkpoint_from = 2 if mode == "growth+ckpt" else None
+        model.checkpoint_blocks = frozenset(range(2, L + 1)) if mode == "growth+ckpt" else frozenset()
     else:
         for k in range(L, 0, -1):
             model.prepend_block(model.new_block(k))
@@ -97,7 +101,7 @@ def measure(shape: str, mode: str, steps: int, batch: int, seq: int) -> dict:
         if step:
             times.append(time.perf_counter() - t0)
     if mode.startswith("growth"):
-        account = stage_account(model, 1, optimizer)
+        account = stage_account(model, stage_specs(cfg)[-1], optimizer)
         state = account["model_state_bytes"]
     else:
         w = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -48,7 +48,7 @@ def main() -> None:
     run = Path(args.out or tempfile.mkdtemp(prefix="grow-plan-vs-measured-")) / "run"
     stop = cfg.model.num_blocks - args.stages + 1
     cmd = [sys.executable, "-m", "grow", "train", str(ROOT / args.config), "--out", str(run),
-           "--stop-after", str(stop), *[x for s in sets for x in ("--set", s)]]
+           "--stop-after", f"block{stop:02d}", *[x for s in sets for x in ("--set", s)]]
     subprocess.run(cmd, cwd=ROOT, check=True)
 
     predicted = plan(cfg, gpus=1, micro_batch=args.batch)
@@ -61,7 +61,8 @@ def main() -> None:
     print(f"{'block':>5} {'planned state':>14} {'measured state':>15} {'planned peak':>13} {'measured peak':>14} "
           f"{'peak ratio':>10}")
     for k in range(cfg.model.num_blocks, stop - 1, -1):
-        manifest = json.loads((run / f"stage-{k:02d}" / "manifest.json").read_text())
+        index = cfg.model.num_blocks - k + 1  # grown right to left: stage i trains block L+1-i
+        manifest = json.loads((run / f"stage-{index:02d}-block{k:02d}" / "manifest.json").read_text())
         memory, p = manifest["memory"], by_block[k]
         print(f"{k:>5} {format_bytes(p.model_states):>14} {format_bytes(memory['model_state_bytes']):>15} "
               f"{format_bytes(p.total):>13} {format_bytes(memory['peak_bytes']):>14} "

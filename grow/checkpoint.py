@@ -1,14 +1,14 @@
 """Mid-stage checkpoints: everything needed to continue a stage bit-for-bit.
 
-    RUN/checkpoints/stage-kk/step-00000040/
-        trainable.safetensors   block k (with its spectral-norm vectors), trainable adapters,
-                                embedding/norm/head in stage L
+    RUN/checkpoints/stage-NN-LABEL/step-00000040/
+        trainable.safetensors   the trained blocks (with their spectral-norm vectors), the
+                                trainable adapters, the ends when the stage trains them
         optimizer.pt            optimizer state (plain engine; loaded with weights_only=True)
         | deepspeed/            DeepSpeed's own checkpoint (DeepSpeed engine)
         state.json              step, losses so far, LR scheduler, Python/NumPy/torch RNG
         manifest.json           sha256 of every file; written last, atomically
 
-The data position needs no saving: the batch at step s is a pure function of (seed, k, s)
+The data position needs no saving: the batch at step s is a pure function of (seed, stage, s)
 (``grow.data.batch_positions``). What a stage rebuilds before loading a checkpoint -- the
 frozen suffix, the fresh block's architecture -- comes from the stage store and the seed,
 so a checkpoint only holds what training changed. A checkpoint without a valid manifest
@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from grow.store import MANIFEST, fsync_dir, sha256_file, stage_problem, write_json_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class _PreemptFlag:
@@ -59,17 +59,18 @@ class Preempted(Exception):
         self.step = step
 
 
-def checkpoint_root(run: Path, block: int) -> Path:
-    return Path(run) / "checkpoints" / f"stage-{block:02d}"
+def checkpoint_root(run: Path, stage_name: str) -> Path:
+    return Path(run) / "checkpoints" / stage_name
 
 
-def trained_tensors(model, block: int, *, master=None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """What a stage changes, on the CPU: every trainable parameter plus block k's buffers
-    (its spectral-norm vectors). ``master(param)`` supplies a parameter's value -- DeepSpeed's
-    whole fp32 master copy -- instead of the module's own; ``dtype`` casts every tensor."""
+def trained_tensors(model, blocks, *, master=None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """What a stage changes, on the CPU: every trainable parameter plus the buffers of the
+    trained ``blocks`` (their spectral-norm vectors). ``master(param)`` supplies a parameter's
+    value -- DeepSpeed's whole fp32 master copy -- instead of the module's own; ``dtype`` casts
+    every tensor."""
     state = {name: master(p) if master else p for name, p in model.named_parameters() if p.requires_grad}
-    prefix = f"blocks.{block - 1}."
-    state.update({prefix + name: b for name, b in model.block(block).named_buffers()})
+    for block in blocks:
+        state.update({f"blocks.{block - 1}.{name}": b for name, b in model.block(block).named_buffers()})
     return {k: v.detach().to("cpu", dtype or v.dtype).contiguous().clone() for k, v in state.items()}
 
 
@@ -95,25 +96,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def save_checkpoint(root: Path, step: int, model, block: int, engine, losses: list[float], keep: int) -> Path:
-    """Write step ``step`` of stage ``block``; keep the newest ``keep`` checkpoints."""
+def save_checkpoint(root: Path, step: int, model, blocks, engine, losses: list[float], keep: int) -> Path:
+    """Write step ``step`` of the stage checkpointed under ``root`` (which trains ``blocks``);
+    keep the newest ``keep`` checkpoints."""
     final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp"
+    # One temp name per launch: rank 0's pid, so a second writer never shares a directory.
+    tmp = root / f".step-{step:08d}.tmp-{_launch_id(engine)}"
     if engine.is_main:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     engine.barrier()
-    engine.save_state(tmp, model, block)
+    engine.save_state(tmp, model, blocks)
     if engine.is_main:
         write_json_atomic(tmp / "state.json", {
-            "format_version": FORMAT_VERSION, "block": block, "step": step, "losses": losses,
+            "format_version": FORMAT_VERSION, "stage": root.name, "step": step, "losses": losses,
             "rng": rng_state(),
         })
         files = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             files[str(path.relative_to(tmp))] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-        write_json_atomic(tmp / MANIFEST, {"format_version": 1, "block": block, "step": step, "files": files})
+        write_json_atomic(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "stage": root.name, "step": step,
+                                           "files": files})
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -134,17 +138,17 @@ def latest_checkpoint(root: Path, log=print) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, model, block: int, engine) -> tuple[int, list[float]]:
+def load_checkpoint(path: Path, model, blocks, engine) -> tuple[int, list[float]]:
     """Restore a checkpoint into a freshly prepared stage; returns (step, losses so far)."""
     state = json.loads((path / "state.json").read_text())
-    if state["block"] != block:
-        raise ValueError(f"checkpoint {path} belongs to block {state['block']}, not {block}")
-    engine.load_state(path, model, block)
+    if state["stage"] != path.parent.name:
+        raise ValueError(f"checkpoint {path} belongs to {state['stage']}, not {path.parent.name}")
+    engine.load_state(path, model, blocks)
     set_rng_state(state["rng"])
     return state["step"], state["losses"]
 
 
-def load_trainable(path: Path, model, block: int, device) -> None:
+def load_trainable(path: Path, model, blocks, device) -> None:
     tensors = load_file(path / "trainable.safetensors", device=str(device))
     own = model.state_dict(keep_vars=True)
     missing = [k for k in tensors if k not in own]
@@ -155,5 +159,19 @@ def load_trainable(path: Path, model, block: int, device) -> None:
             own[name].copy_(tensor)
 
 
-def save_trainable(path: Path, model, block: int) -> None:
-    save_file(trained_tensors(model, block), path / "trainable.safetensors", metadata={"format": "pt"})
+def save_trainable(path: Path, model, blocks) -> None:
+    save_file(trained_tensors(model, blocks), path / "trainable.safetensors", metadata={"format": "pt"})
+
+
+def _launch_id(engine) -> int:
+    """Rank 0's process id, the same on every rank of a launch."""
+    import os
+
+    pid = os.getpid()
+    if getattr(engine, "world", 1) > 1:
+        import torch.distributed as dist
+
+        box = [pid]
+        dist.broadcast_object_list(box, src=0)
+        pid = box[0]
+    return pid

@@ -17,7 +17,7 @@ from grow.errors import UserError
 from grow.store import write_text_atomic
 
 # Settings that define blocks already grown (or how they are rebuilt): a resume may not change them.
-CRITICAL_SECTIONS = ("model", "schedule", "quant")
+CRITICAL_SECTIONS = ("model", "schedule", "curriculum", "quant")
 CRITICAL_FIELDS = ("data.seq_len", "data.tokenizer", "data.vocab_size", "stability.spectral_norm",
                    "lora.enabled", "lora.rank", "lora.alpha", "lora.targets", "lora.blocks")
 
@@ -67,9 +67,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     run = Path(args.out)
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite: choose one")
-    if args.from_stage is not None:
-        if not 1 <= args.from_stage <= cfg.model.num_blocks:
-            raise UserError(f"--from-stage: expected a block 1..{cfg.model.num_blocks}, got {args.from_stage}")
+    from grow.curriculum import find_stage, stage_specs
+
+    specs = stage_specs(cfg)
+    from_stage = find_stage(specs, args.from_stage, "--from-stage") if args.from_stage is not None else None
+    stop_after = find_stage(specs, args.stop_after, "--stop-after") if args.stop_after is not None else None
+    if from_stage is not None:
         args.resume = True
     exists = run.exists() and any(run.iterdir())
     if exists and not (args.resume or args.overwrite):
@@ -103,15 +106,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         corpus = load_corpus(cfg.data, run / "tokenizer", cfg.train.seed, log=log)
     ratios = cfg.ratios()
-    log(f"growing {cfg.model.num_blocks} blocks right to left into {run} on {backend.world} process(es), "
-        f"{backend.device}; r = {', '.join(f'{r:.3f}' for r in ratios)}")
-    if args.from_stage is not None and backend.is_main:
-        set_aside(run, args.from_stage, log)
+    c = cfg.curriculum
+    log(f"growing {cfg.model.num_blocks} blocks ({c.kind}, time {c.time}, {len(specs)} stages) into {run} on "
+        f"{backend.world} process(es), {backend.device}; r = {', '.join(f'{r:.3f}' for r in ratios)}")
+    if from_stage is not None and backend.is_main:
+        set_aside(run, specs[from_stage.index - 1:], log)
     backend.barrier()
     from grow.checkpoint import install_sigterm_handler
 
     install_sigterm_handler()
-    grow_run(cfg, run, corpus, log=log, stop_after=args.stop_after, backend=backend)
+    grow_run(cfg, run, corpus, log=log, stop_after=stop_after.name if stop_after else None, backend=backend)
 
 
 def _prepare_run(cfg, run: Path, args, log):
@@ -143,22 +147,24 @@ def _broadcast(backend, value):
     return box[0]
 
 
-def set_aside(run: Path, block: int, log) -> None:
-    """Move stages (and checkpoints) of blocks <= ``block`` into RUN/set-aside-<time>/, never deleting."""
-    from grow.checkpoint import checkpoint_root
-    from grow.store import stage_dir
+def set_aside(run: Path, specs, log) -> None:
+    """Move the directories (and checkpoints) of stages ``specs`` and of any later stage into
+    RUN/set-aside-<time>/, never deleting."""
+    from grow.store import STAGE_NAME, stage_paths
 
+    first = specs[0].index
     target = run / f"set-aside-{time.strftime('%Y%m%d-%H%M%S')}"
+    later = [p for p in stage_paths(run) if int(STAGE_NAME.fullmatch(p.name)[1]) >= first]
+    ckpts = [p for p in (run / "checkpoints").glob("stage-*")] if (run / "checkpoints").is_dir() else []
+    later += [p for p in ckpts if STAGE_NAME.fullmatch(p.name) and int(STAGE_NAME.fullmatch(p.name)[1]) >= first]
     moved = []
-    for k in range(block, 0, -1):
-        for path in (stage_dir(run, k), checkpoint_root(run, k)):
-            if path.exists():
-                dest = target / path.relative_to(run)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                path.rename(dest)
-                moved.append(str(path.relative_to(run)))
+    for path in later:
+        dest = target / path.relative_to(run)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(dest)
+        moved.append(str(path.relative_to(run)))
     if moved:
-        log(f"--from-stage {block}: moved {', '.join(moved)} to {target}")
+        log(f"--from-stage {first}: moved {', '.join(moved)} to {target}")
 
 
 # ------------------------------------------------------------------------ status
@@ -166,51 +172,87 @@ def set_aside(run: Path, block: int, log) -> None:
 
 def cmd_status(args: argparse.Namespace) -> None:
     from grow.checkpoint import checkpoint_root, latest_checkpoint
-    from grow.store import list_stages, require_run, stage_dir, stage_problem
+    from grow.config import GrowConfig, from_dict
+    from grow.curriculum import level_paths, stage_specs
+    from grow.evaluate import levels_table
+    from grow.stages import committed
+    from grow.store import list_stages, require_run, stage_paths, stage_problem
     from grow.units import format_bytes
 
     run = require_run(Path(args.run))
-    cfg = yaml.safe_load((run / "grow.yaml").read_text())
-    from grow.config import from_dict, GrowConfig
-
-    config = from_dict(GrowConfig, cfg)
-    ratios = config.ratios()
-    L = config.model.num_blocks
-    stages = list_stages(run, verify=args.verify)
-    print(f"run {run}: {L} blocks, hidden {config.model.hidden_size}, data {config.data.source}")
-    print(f"{'block':>5}  {'r_k':>6}  {'steps':>6}  {'tokens':>12}  {'heldout_ce':>10}  {'size':>10}  state")
-    for k in range(L, 0, -1):
-        stage = stages.get(k)
-        if stage is not None:
+    config = from_dict(GrowConfig, yaml.safe_load((run / "grow.yaml").read_text()))
+    specs = stage_specs(config)
+    stages, problem = committed(run, specs, verify=args.verify)
+    listed = list_stages(run, verify=args.verify)
+    paths = {p.name: p for p in stage_paths(run)}
+    c = config.curriculum
+    print(f"run {run}: {config.model.num_blocks} blocks, hidden {config.model.hidden_size}, data {config.data.source}, "
+          f"curriculum {c.kind} (time {c.time}), {len(specs)} stages")
+    print(f"{'stage':<18}  {'trains':<10}  {'noise':<20}  {'steps':>6}  {'tokens':>12}  {'heldout_ce':>10}  "
+          f"{'size':>10}  state")
+    for spec in specs:
+        trains = ",".join(f"B{k}" for k in spec.train) if len(spec.train) <= 2 else f"B{spec.train[0]}..B{spec.train[-1]}"
+        trains = (trains or "adapters") + ("+ends" if spec.trains_ends else "")
+        stage = listed.get(spec.index)
+        if spec.index <= len(stages):
             m = stage.manifest
-            print(f"{k:>5}  {ratios[k - 1]:>6.3f}  {m['steps']:>6}  {m['tokens_seen']:>12,}  "
-                  f"{m['heldout_ce']:>10.4f}  {format_bytes(stage.size_bytes()):>10}  done")
+            print(f"{spec.name:<18}  {trains:<10}  {spec.noise.describe():<20}  {m['steps']:>6}  "
+                  f"{m['tokens_seen']:>12,}  {m['heldout_ce']:>10.4f}  {format_bytes(stage.size_bytes()):>10}  done")
+            continue
+        path = paths.get(spec.name)
+        if stage is not None:
+            state = "ignored: follows a missing or invalid stage"
+        elif path is not None:
+            state = f"invalid: {stage_problem(path, args.verify)}"
         else:
-            path = stage_dir(run, k)
-            state = f"invalid: {stage_problem(path, args.verify)}" if path.exists() else "pending"
-            ckpt = latest_checkpoint(checkpoint_root(run, k), log=lambda s: None)
-            if ckpt is not None:
-                state += f", checkpoint at step {int(ckpt.name.split('-')[1])}/{config.steps_for(k)}"
-            print(f"{k:>5}  {ratios[k - 1]:>6.3f}  {'-':>6}  {'-':>12}  {'-':>10}  {'-':>10}  {state}")
+            state = "pending"
+        ckpt = latest_checkpoint(checkpoint_root(run, spec.name), log=lambda s: None)
+        if ckpt is not None:
+            state += f", checkpoint at step {int(ckpt.name.split('-')[1])}/{spec.steps}"
+        print(f"{spec.name:<18}  {trains:<10}  {spec.noise.describe():<20}  {'-':>6}  {'-':>12}  {'-':>10}  "
+              f"{'-':>10}  {state}")
     if stages:
-        print("\nmemory per stage (model state = trainable block + grads + optimizer + suffix + adapters + ends):")
-        print(f"{'block':>5}  {'trainable':>11}  {'model state':>11}  {'4-bit suffix':>12}  {'B/param':>7}  "
+        last = stages[-1].manifest
+        if "levels" in last:
+            print(f"\nheld-out masked CE per level, the model as {stages[-1].name} left it "
+                  "(path = the blocks a depth sampler uses for that level; whole stack = what an export runs):")
+            from grow.evaluate import commit_figures
+
+            commits = commit_figures(run)
+            rows = []
+            for k, r in enumerate(config.ratios(), start=1):
+                e = {"level": k, "ratio": r, "whole": last["levels"]["whole"][str(k)]}
+                if str(k) in last["levels"]["path"]:
+                    e["path"] = last["levels"]["path"][str(k)]
+                    e["path_blocks"] = list(level_paths(config)[k])
+                if k in commits:
+                    e["commit"] = commits[k]["ce"]
+                    if "path" in e:
+                        e["drift"] = e["path"] / e["commit"] - 1
+                rows.append(e)
+            print("\n".join(levels_table(rows, config.model.num_blocks)))
+        print("\nmemory per stage (model state = trained blocks + grads + optimizer + frozen blocks + adapters + ends):")
+        print(f"{'stage':<18}  {'trainable':>11}  {'model state':>11}  {'frozen 4-bit':>12}  {'B/param':>7}  "
               f"{'adapters':>9}  {'peak':>10}  peak kind")
-        for k in range(L, 0, -1):
-            if k in stages and "memory" in stages[k].manifest:
-                mem = stages[k].manifest["memory"]
-                q = mem["suffix_4bit"]
-                print(f"{k:>5}  {mem['trainable_params']:>11,}  {format_bytes(mem['model_state_bytes']):>11}  "
-                      f"{format_bytes(q['bytes']):>12}  {q['bytes_per_param']:>7.3f}  "
-                      f"{mem['adapters']['params']:>9,}  {format_bytes(mem['peak_bytes']):>10}  {mem['peak_kind']}")
-    pending = [k for k in range(L, 0, -1) if k not in stages]
-    if pending:
-        k = pending[0]
-        ckpt = latest_checkpoint(checkpoint_root(run, k), log=lambda s: None)
+        for stage in stages:
+            mem = stage.manifest["memory"]
+            q = mem["frozen_4bit"]
+            print(f"{stage.name:<18}  {mem['trainable_params']:>11,}  {format_bytes(mem['model_state_bytes']):>11}  "
+                  f"{format_bytes(q['bytes']):>12}  {q['bytes_per_param']:>7.3f}  "
+                  f"{mem['adapters']['params']:>9,}  {format_bytes(mem['peak_bytes']):>10}  {mem['peak_kind']}")
+    ds = f" --deepspeed {config.train.deepspeed}" if config.train.deepspeed else ""
+    if problem:
+        bad = specs[len(stages)]
+        print(f"\nproblem: {problem}\nnext: grow train CONFIG --out {run} --from-stage {bad.index}{ds} re-runs "
+              f"{bad.name} and the stages after it (the later ones are set aside, not deleted)")
+    elif len(stages) < len(specs):
+        spec = specs[len(stages)]
+        ckpt = latest_checkpoint(checkpoint_root(run, spec.name), log=lambda s: None)
         where = f"from its checkpoint at step {int(ckpt.name.split('-')[1])}" if ckpt else "from step 0"
-        print(f"next: grow train CONFIG --out {run} --resume continues block {k} (r={ratios[k - 1]:.3f}) {where}")
+        print(f"\nnext: grow train CONFIG --out {run} --resume{ds} continues {spec.name} "
+              f"({spec.noise.describe()}) {where}")
     else:
-        print("complete: every block is grown")
+        print("\ncomplete: every stage is committed")
 
 
 # ------------------------------------------------------------------------ plan
@@ -253,6 +295,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     device = resolve_device(args.device)
     loaded = load_denoiser(args.model, device)
+    if args.mode in ("depth", "suffix") and loaded.paths is None:
+        raise UserError(f"--mode: {args.mode} steps through noise levels tied to blocks, and {args.model} has none "
+                        "(it was trained as a whole stack on t ~ U(0, 1)); use --mode iterative or semi-ar")
     tokenizer = loaded.tokenizer
     ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"] if args.prompt else []
     prompt = prompt_batch(ids, args.num_samples, device)
@@ -262,7 +307,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
                "context": args.context}
     start = time.perf_counter()
     result = generate(loaded.model, prompt, args.length, args.mode, mask_id=loaded.mask_id, ratios=loaded.ratios,
-                      generator=generator, **options)
+                      paths=loaded.paths, generator=generator, **options)
     seconds = time.perf_counter() - start
     if args.json:
         record = to_json(result, tokenizer, seconds=seconds, model=str(args.model), source=loaded.source,
@@ -381,9 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deepspeed", metavar="JSON",
                    help="run every stage under DeepSpeed ZeRO with this config (see ds_configs/); "
                    "launch with `deepspeed --num_gpus N --module grow train ...` for several processes")
-    p.add_argument("--from-stage", type=int, metavar="K",
-                   help="re-grow from block K: keep stages K+1..L, move stages K..1 aside (implies --resume)")
-    p.add_argument("--stop-after", type=int, metavar="K", help="stop after committing the stage of block K")
+    p.add_argument("--from-stage", metavar="STAGE",
+                   help="re-run from this stage (its index, e.g. 3, or label, e.g. block04): keep the stages "
+                   "before it, move it and the later ones aside into RUN/set-aside-<time>/ (implies --resume)")
+    p.add_argument("--stop-after", metavar="STAGE", help="stop after committing this stage (index or label)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("status", help="one line per stage of a run",

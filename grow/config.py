@@ -105,6 +105,67 @@ class ScheduleConfig:
             )
 
 
+CURRICULA = ("right_to_left", "left_to_right", "joint")
+
+
+@dataclass(kw_only=True)
+class CurriculumConfig:
+    """Which blocks exist, train and freeze in each stage, and what noise each stage sees.
+
+    The design card's two axes (section 1): the growth direction and how the noise level
+    reaches the network. ``grow/curriculum.py`` turns this section into the run's stages.
+    """
+
+    kind: Literal["right_to_left", "left_to_right", "joint"] = "right_to_left"
+    """right_to_left: stage by stage prepend block k and train it with blocks k+1..L frozen
+    (card 4.1); left_to_right: append block k with blocks 1..k-1 before it (card 4.2);
+    joint: one stage trains every block at once (the baseline every comparison needs)."""
+    time: Literal["depth", "input"] = "depth"
+    """depth: block k is tied to noise level r_k, no time input (card 1.B.2); input: every
+    row draws its own level -- U(0, 1), or a band around r_k for right_to_left (card 4.3) --
+    and the network is given it per ``conditioning``."""
+    conditioning: Literal["none", "embedding"] = "none"
+    """With time: input. none = time-free: the network infers the level from the mask
+    pattern (LLaDA, MDLM) and exports to the stock EuroBERT class; embedding = each block adds
+    a learned embedding of t to its input (only grow itself can run such a model)."""
+    band: float = 1.0
+    """right_to_left with time: input: stage k draws t between the midpoints to its
+    neighbouring levels, widened (> 1) or narrowed (< 1) by this factor around r_k."""
+    freeze_earlier: bool = True
+    """left_to_right: blocks 1..k-1 stay frozen (4-bit + LoRA per quant/lora) while block k
+    trains; false = they keep training in full precision."""
+    anchor_ends: bool = True
+    """left_to_right: embedding, final norm and head train in stage 1 only (the anchor);
+    false = they train in every stage and the endpoint may drift (card 1.A.1)."""
+    joint_every: int = 0
+    """left_to_right: after every N growth stages, a joint fine-tune of all present blocks
+    (card 4.2, 'periodically fine-tune jointly'); 0 = never."""
+    joint_steps: int = 50
+    """Optimizer steps of each periodic joint fine-tune stage."""
+    final_steps: int = 0
+    """Steps of the final whole-stack stage after growth (t ~ U(0, 1) through every block);
+    0 = no final stage."""
+
+    def __post_init__(self) -> None:
+        if self.conditioning != "none" and self.time != "input":
+            raise UserError(
+                f"curriculum.conditioning: {self.conditioning!r} needs curriculum.time=input; "
+                "a depth-tied model is given no time input"
+            )
+        if self.kind == "joint" and self.time == "depth":
+            raise UserError(
+                "curriculum.time: joint trains every block at once, so no block is tied to one level; "
+                "use curriculum.time=input"
+            )
+        if not self.band > 0:
+            raise UserError(f"curriculum.band: expected a positive factor, got {self.band}")
+        if self.joint_every < 0 or self.final_steps < 0:
+            raise UserError("curriculum.joint_every and curriculum.final_steps must be >= 0")
+        _positive(self, "curriculum", "joint_steps")
+        if self.joint_every and self.kind != "left_to_right":
+            raise UserError("curriculum.joint_every: periodic joint fine-tunes belong to kind=left_to_right")
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     """Where text comes from and how it becomes fixed-length training sequences."""
@@ -324,6 +385,7 @@ class GrowConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)

@@ -72,6 +72,9 @@ def load_corpus(cfg: DataConfig, tokenizer_dir: Path, seed: int, *, log: Callabl
         # saved only once the corpus is known to be usable: a saved tokenizer is never
         # retrained, so one fitted on a broken source would outlive the fix
         _save_atomic(tokenizer, tokenizer_dir)
+        # from here on a fresh run uses the tokenizer exactly as a resumed one reloads it, so
+        # the files each stage saves do not depend on whether the run was interrupted
+        tokenizer = load_tokenizer(tokenizer_dir)
     log(
         f"data: {len(docs)} documents ({len(split['train'])} train, {len(split['test'])} held out), "
         f"{sum(map(len, train_ids)) + sum(map(len, held_ids)):,} tokens, {len(train)} train / "

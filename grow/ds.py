@@ -162,11 +162,11 @@ class DeepSpeedEngine:
     def barrier(self) -> None:
         torch.distributed.barrier()
 
-    def save_state(self, directory: Path, model, block: int) -> None:
+    def save_state(self, directory: Path, model, blocks) -> None:
         # Frozen 4-bit suffix and frozen adapters are rebuilt from the stage store on resume.
         self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", exclude_frozen_parameters=True)
 
-    def load_state(self, directory: Path, model, block: int) -> None:
+    def load_state(self, directory: Path, model, blocks) -> None:
         path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state", load_module_strict=False)
         if path is None:
             raise ValueError(f"DeepSpeed found no checkpoint in {directory / 'deepspeed'}")

@@ -47,7 +47,7 @@ def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 
 LossFn = Callable[[int, slice], torch.Tensor]
-"""loss_fn(step, rows): the mean masked CE of rows ``rows`` of the global batch of ``step``."""
+"""loss_fn(step, rows): the mean loss over rows ``rows`` of the global batch of ``step``."""
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:
@@ -89,8 +89,8 @@ class PlainEngine:
         micro = self.cfg.train.micro_batch_size or B
         total = 0.0
         for start in range(0, B, micro):
-            # Every row has the same number of masked tokens, so the mean of micro-batch means
-            # is the mean over the batch.
+            # The loss is a mean over rows (grow.objective), so the micro/B-weighted sum of
+            # micro-batch means is the mean over the batch.
             with power_iteration(self.model, start == 0) if self.model is not None else contextlib.nullcontext():
                 loss = loss_fn(step, slice(start, start + micro))
             check_finite(loss, step)
@@ -110,18 +110,18 @@ class PlainEngine:
     def barrier(self) -> None:
         pass
 
-    def save_state(self, directory: Path, model, block: int) -> None:
+    def save_state(self, directory: Path, model, blocks) -> None:
         from grow.checkpoint import save_trainable
 
-        save_trainable(directory, model, block)
+        save_trainable(directory, model, blocks)
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                    directory / "optimizer.pt")
 
-    def load_state(self, directory: Path, model, block: int) -> None:
+    def load_state(self, directory: Path, model, blocks) -> None:
         from grow.checkpoint import load_trainable
 
         device = self.params[0].device
-        load_trainable(directory, model, block, device)
+        load_trainable(directory, model, blocks, device)
         state = torch.load(directory / "optimizer.pt", map_location=device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

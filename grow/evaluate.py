@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from grow.errors import UserError
 from grow.noise import HELDOUT_SALT, corrupt, mask_scores, nested_mask
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""logits_fn(corrupted ids (B, T), noise level per row (B,)) -> logits (B, T, V)."""
 
 
 @torch.no_grad()
@@ -38,8 +39,9 @@ def heldout_ce(
 ) -> float:
     """Token-weighted mean CE over masked positions of the first ``batches`` held-out batches.
 
-    ``logits_fn`` maps corrupted ids (B, T) to logits (B, T, V): a grown model's
-    ``model(ids, start=k)`` or a Hugging Face model's ``lambda x: m(input_ids=x).logits``.
+    ``logits_fn(ids, t)`` maps corrupted ids (B, T) and the level of each row to logits
+    (B, T, V): a grown model's ``model(ids, start=k, t=t)`` or a Hugging Face model's
+    ``lambda x, t: m(input_ids=x).logits`` (a time-free model ignores t).
     """
     total, count = 0.0, 0
     n = heldout.shape[0]
@@ -47,12 +49,56 @@ def heldout_ce(
         keys = [(b * batch_size + i) % n for i in range(batch_size)]
         ids = heldout[keys].to(device)
         mask = nested_mask(mask_scores(keys, ids.shape[1], seed, HELDOUT_SALT), ratio).to(device)
-        logits = logits_fn(corrupt(ids, mask, mask_token_id)).float()
+        t = torch.full((len(keys),), float(ratio), device=device)
+        logits = logits_fn(corrupt(ids, mask, mask_token_id), t).float()
         total += torch.nn.functional.cross_entropy(logits[mask], ids[mask], reduction="sum").item()
         count += int(mask.sum())
         if (b + 1) * batch_size >= n:  # the whole held-out split has been seen once
             break
     return total / count
+
+
+def own_levels(spec, ratios: Sequence[float]) -> list[float]:
+    """The levels a stage's headline CE averages over: its own level, the middle of its band's
+    schedule level, or every schedule level for a stage trained on t ~ U(0, 1)."""
+    if spec.noise.fixed:
+        return [spec.noise.lo]
+    if spec.level is not None:
+        return [ratios[spec.level - 1]]
+    return list(ratios)
+
+
+@torch.no_grad()
+def level_report(model, cfg, spec, heldout: torch.Tensor, mask_token_id: int,
+                 device: torch.device) -> tuple[float, dict[str, Any]]:
+    """What a stage commits about the model it leaves: (its own CE, the per-level table).
+
+    Own CE: blocks ``spec.first..spec.last`` at the stage's level(s) (``own_levels``). The
+    table, per schedule level k: ``whole`` -- every block the model has (what an export runs);
+    ``path`` -- the blocks that serve level k in a depth-tied model (``level_paths``), when the
+    model has them yet. All on the same held-out masks, so stages and runs compare.
+    """
+    from grow.curriculum import level_paths
+
+    ratios = cfg.ratios()
+    kw = dict(mask_token_id=mask_token_id, seed=cfg.train.seed, batch_size=cfg.train.batch_size,
+              batches=cfg.train.eval_batches, device=device)
+
+    def ce(first: int, last: int, r: float) -> float:
+        return heldout_ce(lambda x, t: model(x, start=first, end=last, t=t), heldout, r, **kw)
+
+    own_at = own_levels(spec, ratios)
+    own = sum(ce(spec.first, spec.last, r) for r in own_at) / len(own_at)
+    paths = level_paths(cfg) or {}
+    first, last = model.first_block, model.last_block
+    table: dict[str, Any] = {"whole_blocks": [first, last], "whole": {}, "path": {}}
+    for k, r in enumerate(ratios, start=1):
+        table["whole"][str(k)] = ce(first, last, r)
+        path = paths.get(k)
+        if path is not None and first <= path[0] and path[1] <= last:
+            same = tuple(path) == (first, last)
+            table["path"][str(k)] = table["whole"][str(k)] if same else ce(*path, r)
+    return own, table
 
 
 # --------------------------------------------------------------------------- the MDLM bound
@@ -130,12 +176,13 @@ def mdlm_elbo(
             m = torch.ceil(t * T).long().clamp(1, T)
             mask = scores.argsort(1).argsort(1) < m.unsqueeze(1)
             weight = 1.0 / m.double()
+            t = m.double() / T  # the level the network actually sees
         else:
             t = t.clamp(min=eps)
             mask = scores < t.unsqueeze(1)
             weight = 1.0 / (t * T)
         mask = mask.to(device)
-        logits = logits_fn(corrupt(ids, mask, mask_token_id)).float()
+        logits = logits_fn(corrupt(ids, mask, mask_token_id), t.float().to(device)).float()
         ce = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none") * mask
         total += float((ce.double().sum(1).cpu() * weight).sum())
     return Elbo(total / n, n, n * T, masking)
@@ -190,6 +237,22 @@ def parse_ratios(text: str) -> list[float]:
     return sorted(set(ratios))
 
 
+def commit_figures(run: Path) -> dict[int, dict[str, Any]]:
+    """Level k -> the CE the newest stage tied to level k measured when it committed.
+
+    Read from the manifests (``heldout_ce`` of a stage whose spec has ``level == k``); the
+    figure ``grow status`` has always shown, and what the current model is held to.
+    """
+    from grow.store import list_stages
+
+    out: dict[int, dict[str, Any]] = {}
+    for stage in list_stages(run).values():
+        level = stage.spec.get("level")
+        if level is not None and (level not in out or stage.index > out[level]["index"]):
+            out[level] = {"stage": stage.name, "index": stage.index, "ce": stage.manifest["heldout_ce"]}
+    return out
+
+
 def evaluate_denoiser(
     loaded,
     heldout: torch.Tensor,
@@ -206,50 +269,54 @@ def evaluate_denoiser(
 ) -> dict[str, Any]:
     """Everything ``grow eval`` reports for a loaded denoiser (``grow.inference.Loaded``).
 
-    - full stack: held-out masked CE at each schedule level r_k and at every ratio of ``grid``;
-    - per stage k (the sub-network blocks k..L that stage k trained): CE at r_k and on the grid;
-    - the MDLM bound of the full stack (nats and bits per token, perplexity bound);
-    - per sampler mode: ``samples`` unconditional samples at temperature 1, their statistics
-      and the sampler's throughput in generated tokens per second.
+    - per schedule level r_k: the CE its stage measured at commit (runs), the current
+      model's path for level k (depth-tied models) and the whole stack -- what an export and
+      the iterative / semi-AR samplers run -- with the drift of the path from its commit;
+    - the whole stack and every level path on a grid of ratios;
+    - the MDLM bound of the whole stack (nats and bits per token, perplexity bound);
+    - per sampler mode the model supports: ``samples`` unconditional samples at temperature 1,
+      their statistics and the sampler's throughput in generated tokens per second.
     """
     from grow import sample as sampling
 
     model, mask_id = loaded.model, loaded.mask_id
     device = next(model.parameters()).device
-    first, L = model.first_block, model.num_blocks
-    kw = dict(mask_token_id=mask_id, seed=seed, batch_size=batch_size, batches=batches, device=device)
+    first, last = model.first_block, model.last_block
     if batches < 1 or batch_size < 1:
         raise UserError(f"--batches: expected a positive number of held-out batches, got {batches}")
-
-    def suffix_fn(k: int) -> LogitsFn:
-        return lambda x: model(x, start=k)
-
+    kw = dict(mask_token_id=mask_id, seed=seed, batch_size=batch_size, batches=batches, device=device)
+    whole = loaded.logits_fn()
+    commits = commit_figures(loaded.path) if loaded.source == "run" else {}
     report: dict[str, Any] = {
-        "source": loaded.source, "path": str(loaded.path), "num_blocks": L, "first_block": first,
-        "schedule": list(loaded.ratios),
+        "source": loaded.source, "path": str(loaded.path), "num_blocks": model.num_blocks,
+        "blocks": [first, last], "schedule": list(loaded.ratios), "depth_tied": loaded.paths is not None,
         "heldout": {"sequences": int(heldout.shape[0]), "seq_len": int(heldout.shape[1]),
                     "batches": batches, "batch_size": batch_size, "seed": seed},
     }
     start = time.perf_counter()
-    full = suffix_fn(first)
-    levels = [loaded.ratios[k - 1] for k in range(first, L + 1)]
-    report["full_stack"] = {
-        "schedule": [{"block": k, "ratio": r, "ce": heldout_ce(full, heldout, r, **kw)}
-                     for k, r in zip(range(first, L + 1), levels)],
-        "grid": [{"ratio": r, "ce": heldout_ce(full, heldout, r, **kw)} for r in grid],
-    }
-    log(f"eval: full-stack masked CE on {len(grid) + len(levels)} noise levels ({time.perf_counter() - start:.1f}s)")
-    stages = {}
-    for k in range(first, L + 1):
-        fn = suffix_fn(k)
-        ratio = loaded.ratios[k - 1]
-        stages[str(k)] = {
-            "blocks": [k, L], "ratio": ratio, "ce": heldout_ce(fn, heldout, ratio, **kw),
-            "grid": [{"ratio": r, "ce": heldout_ce(fn, heldout, r, **kw)} for r in grid],
-        }
-    report["stages"] = stages
-    log(f"eval: per-stage curves for blocks {first}..{L} ({time.perf_counter() - start:.1f}s)")
-    report["elbo"] = mdlm_elbo(full, heldout, **kw).to_dict()
+    levels, paths = [], {}
+    for k, r in enumerate(loaded.ratios, start=1):
+        entry: dict[str, Any] = {"level": k, "ratio": r, "whole": heldout_ce(whole, heldout, r, **kw)}
+        path = loaded.level_path(k)
+        if path is not None:
+            paths[k] = path
+            same = tuple(path) == (first, last)
+            entry["path_blocks"] = list(path)
+            entry["path"] = entry["whole"] if same else heldout_ce(loaded.logits_fn(*path), heldout, r, **kw)
+        if k in commits:
+            entry["commit"], entry["commit_stage"] = commits[k]["ce"], commits[k]["stage"]
+            if "path" in entry:
+                entry["drift"] = entry["path"] / entry["commit"] - 1
+        levels.append(entry)
+    report["levels"] = levels
+    log(f"eval: CE per level ({time.perf_counter() - start:.1f}s)")
+    report["grid"] = {"whole": [{"ratio": r, "ce": heldout_ce(whole, heldout, r, **kw)} for r in grid]}
+    for k, path in paths.items():
+        if tuple(path) != (first, last):
+            fn = loaded.logits_fn(*path)
+            report["grid"][str(k)] = [{"ratio": r, "ce": heldout_ce(fn, heldout, r, **kw)} for r in grid]
+    log(f"eval: CE curves on {len(grid)} ratios ({time.perf_counter() - start:.1f}s)")
+    report["elbo"] = mdlm_elbo(whole, heldout, **kw).to_dict()
     log(f"eval: MDLM bound {report['elbo']['bits_per_token']:.3f} bits/token ({time.perf_counter() - start:.1f}s)")
 
     report["samples"] = {}
@@ -258,7 +325,7 @@ def evaluate_denoiser(
         tok = loaded.tokenizer
         stop = tuple(i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None)
         prompt = torch.zeros((samples, 0), dtype=torch.long, device=device)
-        for mode in modes or sampling.MODES:
+        for mode in modes or [m for m in sampling.MODES if loaded.paths or m not in ("depth", "suffix")]:
             generator = torch.Generator(device=device).manual_seed(seed)
             opts: dict[str, Any] = {"steps": steps} if mode in ("iterative", "semi-ar") else {}
             if mode == "semi-ar":
@@ -266,7 +333,7 @@ def evaluate_denoiser(
                 opts["steps"] = max(1, steps * opts["block_length"] // length)
             t0 = time.perf_counter()
             result = sampling.generate(model, prompt, length, mode, mask_id=mask_id, ratios=loaded.ratios,
-                                       temperature=1.0, generator=generator, **opts)
+                                       paths=loaded.paths, temperature=1.0, generator=generator, **opts)
             seconds = time.perf_counter() - t0
             ids = result.generated.tolist()
             report["samples"][mode] = {
@@ -279,22 +346,33 @@ def evaluate_denoiser(
     return report
 
 
+def levels_table(levels: list[dict[str, Any]], num_blocks: int) -> list[str]:
+    """CE per schedule level: at commit, the level's path now (and its drift), the whole stack."""
+    lines = [f"{'level':>5}  {'r_k':>6}  {'stage at commit':>15}  {'path now':>9}  {'drift':>7}  {'whole stack':>11}  path"]
+    for e in levels:
+        commit = f"{e['commit']:.4f}" if "commit" in e else "-"
+        path = f"{e['path']:.4f}" if "path" in e else "-"
+        drift = f"{100 * e['drift']:+.2f}%" if "drift" in e else "-"
+        blocks = f"blocks {e['path_blocks'][0]}..{e['path_blocks'][1]}" if "path_blocks" in e else "-"
+        lines.append(f"{e['level']:>5}  {e['ratio']:>6.3f}  {commit:>15}  {path:>9}  {drift:>7}  "
+                     f"{e['whole']:>11.4f}  {blocks}")
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as a few human-readable tables."""
-    lines = [f"{report['source']} {report['path']}: blocks {report['first_block']}..{report['num_blocks']}, "
+    first, last = report["blocks"]
+    lines = [f"{report['source']} {report['path']}: blocks {first}..{last}, "
              f"{report['heldout']['sequences']} held-out sequences of {report['heldout']['seq_len']}"]
-    lines.append(f"{'block':>5}  {'r_k':>6}  {'CE full stack':>13}  {'CE blocks k..L':>14}")
-    for entry in report["full_stack"]["schedule"]:
-        k = entry["block"]
-        lines.append(f"{k:>5}  {entry['ratio']:>6.3f}  {entry['ce']:>13.4f}  {report['stages'][str(k)]['ce']:>14.4f}")
-    grid = report["full_stack"]["grid"]
-    lines.append("ratio  " + "  ".join(f"{g['ratio']:>6.2f}" for g in grid))
-    for k, stage in report["stages"].items():
-        label = f"{k}..{report['num_blocks']}"
-        lines.append(f"{label:>5}  " + "  ".join(f"{g['ce']:>6.3f}" for g in stage["grid"]))
+    lines += levels_table(report["levels"], report["num_blocks"])
+    grid = report["grid"]["whole"]
+    lines.append("ratio      " + "  ".join(f"{g['ratio']:>6.2f}" for g in grid))
+    for key, curve in report["grid"].items():
+        label = f"whole {first}..{last}" if key == "whole" else f"path of {key}"
+        lines.append(f"{label:>10} " + "  ".join(f"{g['ce']:>6.3f}" for g in curve))
     e = report["elbo"]
-    lines.append(f"MDLM bound: {e['nats_per_token']:.4f} nats/token = {e['bits_per_token']:.4f} bits/token, "
-                 f"perplexity <= {e['perplexity_bound']:.2f} ({e['sequences']} sequences)")
+    lines.append(f"MDLM bound (whole stack): {e['nats_per_token']:.4f} nats/token = {e['bits_per_token']:.4f} "
+                 f"bits/token, perplexity <= {e['perplexity_bound']:.2f} ({e['sequences']} sequences)")
     for mode, s in report["samples"].items():
         lines.append(f"{mode:>9}: {s['tokens_per_s']:>9.1f} tok/s  distinct-1 {s['distinct_1']:.3f}  "
                      f"distinct-2 {s['distinct_2']:.3f}  rep-4 {s['repetition']:.3f}  "
@@ -303,27 +381,28 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def plot_report(report: dict[str, Any], path: str | Path) -> None:
-    """PNG of held-out masked CE against noise level: one curve per stage (blocks k..L)."""
+    """PNG of held-out masked CE against noise level: the whole stack and each level's path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    L = report["num_blocks"]
     cmap = plt.get_cmap("viridis")
-    keys = sorted(report["stages"], key=int)
-    for i, k in enumerate(keys):
-        stage = report["stages"][k]
-        xs = [g["ratio"] for g in stage["grid"]]
-        ys = [g["ce"] for g in stage["grid"]]
-        full = int(k) == report["first_block"]
-        ax.plot(xs, ys, color=cmap(i / max(1, len(keys) - 1)), lw=2.2 if full else 1.2,
-                label=f"blocks {k}..{L}" + (" (full stack)" if full else ""))
-        ax.plot([stage["ratio"]], [stage["ce"]], "o", color=cmap(i / max(1, len(keys) - 1)))
+    first, last = report["blocks"]
+    paths = [k for k in report["grid"] if k != "whole"]
+    for i, k in enumerate(sorted(paths, key=int)):
+        curve = report["grid"][k]
+        color = cmap(i / max(1, len(paths)))
+        ax.plot([g["ratio"] for g in curve], [g["ce"] for g in curve], color=color, lw=1.2, label=f"path of level {k}")
+        entry = report["levels"][int(k) - 1]
+        ax.plot([entry["ratio"]], [entry["path"]], "o", color=color)
+    curve = report["grid"]["whole"]
+    ax.plot([g["ratio"] for g in curve], [g["ce"] for g in curve], color="black", lw=2.2,
+            label=f"whole stack (blocks {first}..{last})")
     ax.set_xlabel("mask ratio (noise level)")
     ax.set_ylabel("held-out masked CE (nats)")
-    ax.set_title(f"CE by noise level; dots: stage k at its own r_k; "
+    ax.set_title(f"CE by noise level; dots: each level's path at r_k; "
                  f"ELBO {report['elbo']['bits_per_token']:.2f} bits/token", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -47,14 +47,14 @@ import torch
 from grow.errors import UserError
 from grow.model import BLOCK_LINEARS
 from grow.quant import ADAPTER_NAME
-from grow.store import fsync_dir, list_stages, require_run, write_json_atomic, write_text_atomic
+from grow.store import fsync_dir, require_run, write_json_atomic, write_text_atomic
 
 Log = Callable[[str], None]
 
 MERGE_MODES = ("dequantized", "original")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GROW_JSON = "grow.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: curriculum, level paths, per-level CE
 SAMPLING_DEFAULTS = {"mode": "depth", "steps": 64, "temperature": 0.0}
 CARD_TAGS = ("diffusion", "masked-diffusion", "grow")
 # The self-check after writing: logits of the reloaded export against the grown model.
@@ -153,14 +153,14 @@ def merged_linear(module, stored: torch.Tensor, merge_into: str) -> tuple[torch.
 
 
 @torch.no_grad()
-def merged_state_dict(model, stages: dict, merge_into: str,
+def merged_state_dict(model, run_state, merge_into: str,
                       dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """EuroBertForMaskedLM weights of a complete run in ``dtype``, and what the merge did.
 
-    ``model`` is ``load_run``'s model (the network training left); ``stages`` the run's
-    stages 1..L, whose stored full-precision weights are the base of every block. Merging
-    happens in fp32; each tensor is cast as soon as it is final, so at most one block is
-    held in fp32 besides the result.
+    ``model`` is ``load_run``'s model (the network the last stage left); ``run_state`` the
+    run's ``grow.assemble.RunState``, whose stored full-precision weights are the base of
+    every block. Merging happens in fp32; each tensor is cast as soon as it is final, so at
+    most one block is held in fp32 besides the result.
     """
     if merge_into not in MERGE_MODES:
         raise UserError(f"--merge-into: expected one of {', '.join(MERGE_MODES)}, got {merge_into!r}")
@@ -168,7 +168,7 @@ def merged_state_dict(model, stages: dict, merge_into: str,
     state: dict[str, torch.Tensor] = {}
     adapters, dequantized = set(), set()
     for k in range(1, L + 1):
-        stored = stages[k].weights()
+        stored = run_state.block(k)
         prefix = f"model.layers.{k - 1}."
         state.update({n: v.to(dtype) for n, v in stored.items() if n.startswith(prefix)})
         for name in BLOCK_LINEARS:
@@ -181,10 +181,10 @@ def merged_state_dict(model, stages: dict, merge_into: str,
                 dequantized.add(k)
         del stored
     if merge_into == "dequantized":
-        # The ends as training ran them (quant.ends_dtype from stage L-1 on).
+        # The ends as training ran them (in quant.ends_dtype once they were frozen).
         ends = model.ends_state_dict()
     else:
-        ends = {n: v for n, v in stages[L].weights().items() if not n.startswith("model.layers.")}
+        ends = run_state.ends()
     state.update({n: v.detach().to(dtype, copy=True) for n, v in ends.items()})
     return state, {"adapter_blocks": sorted(adapters), "dequantized_blocks": sorted(dequantized)}
 
@@ -224,10 +224,35 @@ def logit_difference(reference: Callable[[torch.Tensor], torch.Tensor], exported
 # --------------------------------------------------------------------------- metadata and card
 
 
-def stage_records(stages: dict, L: int) -> list[dict[str, Any]]:
-    return [{"block": k, "ratio": stages[k].manifest["ratio"], "steps": stages[k].manifest["steps"],
-             "tokens_seen": stages[k].manifest["tokens_seen"], "heldout_ce": stages[k].manifest["heldout_ce"]}
-            for k in range(1, L + 1)]
+def stage_records(stages: list) -> list[dict[str, Any]]:
+    """One line per committed stage, from its manifest."""
+    return [{"stage": s.name, "trains": s.spec["train"], "trains_ends": s.spec["trains_ends"],
+             "adapters": s.spec["adapters"], "noise": s.spec["noise"], "level": s.spec["level"],
+             "steps": s.manifest["steps"], "tokens_seen": s.manifest["tokens_seen"],
+             "heldout_ce": s.manifest["heldout_ce"]} for s in stages]
+
+
+def level_records(final_stage, ratios: list[float]) -> list[dict[str, Any]]:
+    """Held-out CE per schedule level as the last stage left the model: whole stack and path."""
+    levels = final_stage.manifest.get("levels", {})
+    out = []
+    for k, r in enumerate(ratios, start=1):
+        entry = {"level": k, "ratio": r, "whole": levels.get("whole", {}).get(str(k))}
+        if str(k) in levels.get("path", {}):
+            entry["path"] = levels["path"][str(k)]
+        out.append(entry)
+    return out
+
+
+CURRICULUM_TEXT = {
+    "right_to_left": ("right to left (depth as reverse time): the first stage trained block {L} with the embedding, "
+                      "final norm and shared LM head at the lightest noise; each later stage froze the blocks to its "
+                      "right (in 4-bit, with LoRA adapters) and the ends, prepended the next block and trained it at "
+                      "its heavier noise level, so that blocks k..{L} denoise level r_k through the shared head."),
+    "left_to_right": ("left to right: each stage appended a block after the ones already grown and trained the "
+                      "network 1..k"),
+    "joint": "jointly: every block and the ends trained at once on noise levels t ~ U(0, 1)",
+}
 
 
 def export_command(run: Path, out: Path, *, dtype: str, merge_into: str, max_shard_size: str, overwrite: bool,
@@ -239,25 +264,41 @@ def export_command(run: Path, out: Path, *, dtype: str, merge_into: str, max_sha
 
 
 def model_card(meta: dict[str, Any], *, name: str, parameters: int, quant: dict[str, Any]) -> str:
-    """README.md: YAML front matter for the hub, then how the model was grown and how to use it."""
+    """README.md: YAML front matter for the hub, then how the model was grown, how good it is
+    per noise level, and how to use it."""
     L = len(meta["schedule"])
     tags = "".join(f"- {t}\n" for t in CARD_TAGS)
-    rows = "\n".join(
-        f"| {s['block']} | {s['ratio']:.3f} | {s['steps']:,} | {s['tokens_seen']:,} | {s['heldout_ce']:.4f} |"
+    cur = meta["curriculum"]
+    grown = CURRICULUM_TEXT[cur["kind"]].format(L=L)
+    if cur["kind"] == "left_to_right":
+        grown += " at level r_k (time as depth)." if cur["time"] == "depth" else " on t ~ U(0, 1)."
+    if cur["time"] == "input" and cur["kind"] == "right_to_left":
+        grown += " Each block saw a band of noise levels around its r_k."
+    if cur.get("final_steps"):
+        grown += (" A final stage then trained the whole stack on t ~ U(0, 1), every block in 4-bit with LoRA "
+                  "adapters (merged here), so that the whole model uses its context at every noise level.")
+    stages = "\n".join(
+        f"| {s['stage']} | {', '.join(f'B{k}' for k in s['trains']) or '-'}{' + ends' if s['trains_ends'] else ''} | "
+        f"{_noise(s['noise'])} | {s['steps']:,} | {s['tokens_seen']:,} | {s['heldout_ce']:.4f} |"
         for s in meta["stages"]
     )
+    levels = "\n".join(
+        f"| {e['level']} | {e['ratio']:.3f} | {_ce(e['whole'])} | {_ce(e.get('path'))} |" for e in meta["levels"]
+    )
     if meta["merge_into"] == "dequantized":
-        merge = ("`dequantized`: each suffix block's LoRA delta (B·A·alpha/r) was added to the **dequantized "
+        merge = ("`dequantized`: each frozen block's LoRA delta (B·A·alpha/r) was added to the **dequantized "
                  f"{quant['quant_type'].upper()}** weight the block ran with during training, so this model "
                  "computes what training computed.")
     else:
-        merge = ("`original`: each suffix block's LoRA delta (B·A·alpha/r) was added to the block's stored "
+        merge = ("`original`: each frozen block's LoRA delta (B·A·alpha/r) was added to the block's stored "
                  "**full-precision** weight. The adapters were trained against the 4-bit weights, so this model "
                  "differs slightly from the network training measured (see the check below).")
     if not meta["merge"]["adapter_blocks"]:
         merge += " This run had no adapters: the weights are the stored ones."
     check = meta["check"]
     sampling = meta["sampling"]
+    depth_modes = (f"\ngrow sample {name} --mode depth --temperature {sampling['temperature']} --length 64   "
+                   "# one forward pass, block k unmasks down to r_(k+1)") if meta.get("paths") else ""
     return f"""---
 library_name: transformers
 pipeline_tag: fill-mask
@@ -266,24 +307,29 @@ tags:
 
 # {name}
 
-A masked-diffusion language model grown with `grow`, one transformer block at a time, right to
-left. It is a stock `EuroBertForMaskedLM` ({L} layers, hidden size {meta['hidden_size']}, {parameters:,}
-parameters, {meta['dtype']}): it loads with plain `transformers`, no remote code.
+A masked-diffusion language model grown with `grow`, one transformer block at a time. It is a stock
+`EuroBertForMaskedLM` ({L} layers, hidden size {meta['hidden_size']}, {parameters:,} parameters,
+{meta['dtype']}): it loads with plain `transformers`, no remote code.
 
 ## How it was grown
 
-Depth is reverse diffusion time. Block k was trained to denoise inputs with a fraction r_k of the
-tokens masked, r_1 > ... > r_L: block 1 reads the heaviest noise, block {L} the lightest. Growth ran
-right to left: stage {L} trained block {L} with the embedding, final norm and shared LM head; every
-later stage k froze blocks k+1..{L} (and the ends), prepended a fresh block k and trained it at r_k
-so that blocks k..{L} reconstruct the masked tokens through the shared head. Each frozen block's
-spectral norm and residual gain were folded into plain weights.
+Block k is tied to noise level r_k (the fraction of tokens masked), r_1 > ... > r_L. Growth ran
+{grown} Each frozen block's spectral norm and residual gain were folded into plain weights.
 
-| block k | r_k | steps | tokens seen | held-out masked CE (blocks k..{L} at r_k) |
-|---:|---:|---:|---:|---:|
-{rows}
+| stage | trains | noise | steps | tokens seen | held-out masked CE at commit |
+|---|---|---|---:|---:|---:|
+{stages}
 
-The CE column is each stage's own measurement from its manifest, taken when the stage was committed.
+## Quality per noise level
+
+Held-out masked cross-entropy (nats) of this model at each schedule level, measured by `grow` on
+the run's held-out split when the last stage committed. **Whole stack** is what this model computes
+when you run it (fill-mask, iterative and semi-autoregressive decoding, likelihoods); **path** is the
+sub-network a depth-tied sampler uses for that level (blocks k..L grown right to left).
+
+| level k | r_k | whole stack | path |
+|---:|---:|---:|---:|
+{levels}
 
 ## Merge
 
@@ -306,15 +352,14 @@ masked = torch.cat([ids, torch.full((1, 16), tokenizer.mask_token_id)], dim=1)
 logits = model(input_ids=masked).logits       # one denoising prediction for every position
 ```
 
-Sampling (depth mode is one forward pass: block k unmasks down to r_(k+1)):
+Sampling with `grow`:
 
 ```bash
-grow sample {name} --mode {sampling['mode']} --temperature {sampling['temperature']} --length 64
-grow sample {name} --mode iterative --steps {sampling['steps']} --prompt "In the beginning"
+grow sample {name} --mode iterative --steps {sampling['steps']} --prompt "In the beginning"{depth_modes}
 ```
 
-`grow.json` holds the schedule r_1..r_{L} the samplers need, the sampling defaults and the
-provenance of this export.
+`grow.json` holds the schedule r_1..r_{L}, the level paths the depth samplers need, the sampling
+defaults, the per-level figures above and the provenance of this export.
 
 ## Provenance
 
@@ -324,6 +369,14 @@ provenance of this export.
 
 Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.
 """
+
+
+def _noise(noise: dict[str, float]) -> str:
+    return f"r = {noise['lo']:.3f}" if noise["lo"] == noise["hi"] else f"t ~ U({noise['lo']:.3f}, {noise['hi']:.3f})"
+
+
+def _ce(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 # --------------------------------------------------------------------------- the export
@@ -347,7 +400,9 @@ def export_run(
     (hub options) recorded in the exported command line; ``card_name`` is what the model
     card loads the model as (the hub repo id when pushing; default ``out``).
     """
-    from grow.stages import load_run, versions
+    from grow.assemble import RunState
+    from grow.curriculum import level_paths, stage_specs
+    from grow.stages import committed, load_run, versions
     from grow.units import format_bytes, parse_bytes
 
     run = require_run(Path(run))
@@ -361,12 +416,15 @@ def export_run(
     except ValueError as exc:
         raise UserError(f"--max-shard-size: {exc}") from None
 
-    cfg, model, tokenizer = load_run(run, "cpu", require_complete=True)
+    cfg, model, tokenizer, _ = load_run(run, "cpu", require_complete=True)
+    if model.time_embed is not None:
+        raise UserError(f"RUN: {run} is conditioned on the noise level (curriculum.conditioning=embedding), which a "
+                        "stock EuroBertForMaskedLM cannot express; sample and evaluate it with grow itself")
     dtype = dtype or cfg.train.precision
     L = model.num_blocks
-    stages = list_stages(run)  # load_run has just verified every hash
+    stages, _ = committed(run, stage_specs(cfg), verify=False)  # load_run has just verified every hash
     log(f"export: {run} ({L} blocks) -> {out}, merge into {merge_into} weights, {dtype}")
-    state, merge = merged_state_dict(model, stages, merge_into, DTYPES[dtype])
+    state, merge = merged_state_dict(model, RunState(stages), merge_into, DTYPES[dtype])
     if merge["adapter_blocks"]:
         log(f"export: merged the LoRA adapters of blocks {_span(merge['adapter_blocks'])}"
             + (f" into dequantized {cfg.quant.quant_type.upper()} weights" if merge["dequantized_blocks"] else ""))
@@ -390,12 +448,16 @@ def export_run(
         meta = {
             "format_version": FORMAT_VERSION,
             "schedule": cfg.ratios(),
-            "sampling": dict(SAMPLING_DEFAULTS),
+            "curriculum": {"kind": cfg.curriculum.kind, "time": cfg.curriculum.time,
+                           "final_steps": cfg.curriculum.final_steps},
+            "paths": {str(k): list(v) for k, v in (level_paths(cfg) or {}).items()} or None,
+            "sampling": {**SAMPLING_DEFAULTS, "mode": "depth" if level_paths(cfg) else "iterative"},
             "merge_into": merge_into,
             "dtype": dtype,
             "seq_len": cfg.data.seq_len,
             "hidden_size": cfg.model.hidden_size,
-            "stages": stage_records(stages, L),
+            "stages": stage_records(stages),
+            "levels": level_records(stages[-1], cfg.ratios()),
             "merge": merge,
             "check": {"max_abs_logit_diff": diff, "reference": "the grown model as grow runs it (load_run)",
                       "sequences": CHECK_SEQUENCES, "length": length, "masked": CHECK_MASKED},

@@ -2,14 +2,16 @@
 
 Both come back as a ``GrowModel`` so every sampler and metric has one code path:
 
-- a run (``RUN/grow.yaml``): the model is rebuilt from its committed stages exactly as
-  ``grow train --resume`` would (``restore_suffix``: with quant/lora enabled the suffix runs
-  in 4-bit with its LoRA adapters, the network the last stage trained), ratios from the
-  run's config;
+- a run (``RUN/grow.yaml``): the model is rebuilt from its committed stages exactly as the
+  newest stage left it (``grow.stages.load_run``: with quant/lora enabled the frozen blocks
+  run in 4-bit with their LoRA adapters), ratios and level paths from the run's config;
 - an export (``DIR/config.json``): stock ``AutoModelForMaskedLM.from_pretrained`` (a
   ``EuroBertForMaskedLM``) whose modules are *moved*, not copied, into a ``GrowModel``:
-  embedding, layers (= blocks 1..L), final norm, LM head, rotary embedding. Ratios come from
-  ``DIR/grow.json`` (``{"schedule": [...]}``) when present.
+  embedding, layers (= blocks 1..L), final norm, LM head, rotary embedding. Ratios and paths
+  come from ``DIR/grow.json`` when present.
+
+``Loaded.paths`` says which blocks serve each schedule level of a depth-tied model (the depth
+and suffix samplers step through them); None for a model that only runs as a whole stack.
 """
 
 from __future__ import annotations
@@ -46,14 +48,31 @@ class Loaded:
     """The run's ``GrowConfig`` (None for an export)."""
     meta: dict[str, Any] = field(default_factory=dict)
     """An export's ``grow.json`` (empty when it has none)."""
+    paths: dict[int, tuple[int, int]] | None = None
+    """Level k -> the blocks (first, last) that serve it, for a depth-tied model."""
+    complete: bool = True
+    """Every stage of the run is committed (always true of an export)."""
 
     @property
     def mask_id(self) -> int:
         return self.tokenizer.mask_token_id
 
     @property
-    def complete(self) -> bool:
-        return self.model.first_block == 1
+    def time_input(self) -> bool:
+        """The network is given the noise level (curriculum.conditioning: embedding)."""
+        return self.model.time_embed is not None
+
+    def logits_fn(self, first: int | None = None, last: int | None = None):
+        """``(ids, t) -> logits`` of blocks first..last (default: the whole stack)."""
+        model, timed = self.model, self.time_input
+        return lambda ids, t: model(ids, start=first, end=last, t=t if timed else None)
+
+    def level_path(self, k: int) -> tuple[int, int] | None:
+        """The blocks serving level k that this model has, or None."""
+        path = (self.paths or {}).get(k)
+        if path is None or not (self.model.first_block <= path[0] and path[1] <= self.model.last_block):
+            return None
+        return path
 
 
 def load_denoiser(path: str | Path, device: torch.device | str = "cpu", *, log: Log = _stderr) -> Loaded:
@@ -73,16 +92,17 @@ def load_denoiser(path: str | Path, device: torch.device | str = "cpu", *, log: 
 
 
 def _load_run(run: Path, device: torch.device, log: Log) -> Loaded:
+    from grow.curriculum import level_paths, stage_specs
     from grow.stages import load_run
 
-    # The network the last stage trained and measured: with quant/lora enabled that is the
-    # 4-bit suffix with its adapters, its first block in full precision.
-    cfg, model, tokenizer = load_run(run, device, log=log)
-    first, L = model.first_block, cfg.model.num_blocks
-    if first > 1:
-        log(f"note: {run} is grown only to blocks {first}..{L} of {L}; sampling uses that suffix "
-            f"(its first block was trained at r={cfg.ratios()[first - 1]:.3f})")
-    return Loaded(model, tokenizer, cfg.ratios(), "run", run, config=cfg)
+    # The network the newest stage trained and measured: with quant/lora enabled its frozen
+    # blocks in 4-bit with their adapters, the blocks it trained in full precision.
+    cfg, model, tokenizer, spec = load_run(run, device, log=log)
+    complete = spec.index == len(stage_specs(cfg))
+    if not complete:
+        log(f"note: {run} is committed up to {spec.name} of {len(stage_specs(cfg))} stages; "
+            f"using blocks {model.first_block}..{model.last_block} as that stage left them")
+    return Loaded(model, tokenizer, cfg.ratios(), "run", run, config=cfg, paths=level_paths(cfg), complete=complete)
 
 
 def _load_export(directory: Path, log: Log) -> Loaded:
@@ -112,8 +132,13 @@ def _load_export(directory: Path, log: Log) -> Loaded:
             raise UserError(f"EXPORT: {meta_path} has {len(ratios)} schedule levels but the model has {L} layers")
     else:
         ratios = make_schedule(ScheduleConfig(), L)
-        log(f"note: {directory} has no grow.json; assuming a linear schedule r = 1.0 -> 0.15 over {L} layers")
-    return Loaded(model, tokenizer, ratios, "export", directory, meta=meta)
+        log(f"note: {directory} has no grow.json; assuming a linear schedule r = 1.0 -> 0.15 over {L} layers "
+            "and no level paths")
+    paths = meta.get("paths")
+    if "paths" not in meta and meta.get("format_version") == 1:
+        paths = {k: (k, L) for k in range(1, L + 1)}  # every format-1 export was grown right to left
+    paths = {int(k): tuple(v) for k, v in paths.items()} if paths else None
+    return Loaded(model, tokenizer, ratios, "export", directory, meta=meta, paths=paths)
 
 
 def wrap_hf(hf) -> GrowModel:

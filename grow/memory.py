@@ -63,19 +63,20 @@ def fourbit_account(modules: list[nn.Module]) -> dict:
     return {"params": params, "bytes": nbytes, "bytes_per_param": nbytes / params if params else 0.0}
 
 
-def stage_account(model: GrowModel, block_id: int, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Parameters and bytes of every part of the model state while block ``block_id`` trains."""
-    block = model.block(block_id)
-    own = [p for n, p in block.named_parameters()]
-    block_params = sum(p.numel() for p in own)
+def stage_account(model: GrowModel, spec, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Parameters and bytes of every part of the model state while stage ``spec`` trains.
+
+    ``trained``: the blocks the stage trains in full precision (with their time embeddings);
+    ``frozen_4bit`` / ``frozen_full_precision``: the frozen blocks' weights (4-bit linears
+    counted with their quantization state); ``adapters``: the frozen blocks' LoRA adapters.
+    """
+    own = [p for k in spec.train for m in model.block_modules(k) for p in m.parameters()]
     ends = [model.embed_tokens.weight, model.norm.weight, model.lm_head.weight]
-    adapters = [p for k in range(block_id + 1, model.num_blocks + 1)
-                for n, p in model.block(k).named_parameters() if "lora_" in n]
-    suffix_4bit = [m for k in range(block_id + 1, model.num_blocks + 1) for m in fourbit_linears(model.block(k))]
-    fourbit_ids = {id(m.weight) for m in suffix_4bit}
-    suffix_other = [p for k in range(block_id + 1, model.num_blocks + 1)
-                    for n, p in model.block(k).named_parameters()
-                    if "lora_" not in n and id(p) not in fourbit_ids]
+    frozen = [model.block(k) for k in spec.frozen]
+    adapters = [p for b in frozen for n, p in b.named_parameters() if "lora_" in n]
+    fourbit = [m for b in frozen for m in fourbit_linears(b)]
+    fourbit_ids = {id(m.weight) for m in fourbit}
+    frozen_other = [p for b in frozen for n, p in b.named_parameters() if "lora_" not in n and id(p) not in fourbit_ids]
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer_tensors = []
     if optimizer is not None:
@@ -87,18 +88,18 @@ def stage_account(model: GrowModel, block_id: int, optimizer: torch.optim.Optimi
         return {"params": n, "bytes": b}
 
     account = {
-        "block": {**part(own), "params": block_params},
+        "trained": {**part(own), "params": sum(p.numel() for p in own)},
         "gradients": part(trainable),  # one gradient per trainable parameter, same dtype
         "optimizer_state": part(optimizer_tensors),
-        "suffix_4bit": fourbit_account(suffix_4bit),
-        "suffix_full_precision": part(suffix_other),
+        "frozen_4bit": fourbit_account(fourbit),
+        "frozen_full_precision": part(frozen_other),
         "adapters": {**part(adapters), "trainable_params": sum(p.numel() for p in adapters if p.requires_grad)},
         "ends": {**part(ends), "trainable": any(p.requires_grad for p in ends)},
         "trainable_params": sum(p.numel() for p in trainable),
     }
     account["model_state_bytes"] = sum(
-        account[k]["bytes"] for k in ("block", "gradients", "optimizer_state", "suffix_4bit",
-                                      "suffix_full_precision", "adapters", "ends")
+        account[k]["bytes"] for k in ("trained", "gradients", "optimizer_state", "frozen_4bit",
+                                      "frozen_full_precision", "adapters", "ends")
     )
     return account
 

@@ -20,6 +20,7 @@ Block ids are 1-based and fixed: block k always belongs to noise level r_k and i
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -140,15 +141,39 @@ class NotGrown(nn.Module):
         raise RuntimeError("this block has not been grown yet")
 
 
-class GrowModel(nn.Module):
-    """The design card's ``DenoiserStack``: blocks are prepended as growth runs right to left.
+TIME_FEATURES = 64
 
-    ``blocks[k - 1]`` is block k, always: module names (and so peft adapter keys and
-    checkpoint keys) do not shift when a block is prepended. Blocks left of ``first_block``
-    are ``NotGrown`` placeholders.
+
+class TimeEmbedding(nn.Module):
+    """A block's view of the noise level t (curriculum.conditioning: embedding).
+
+    Fixed sinusoidal features of t followed by one linear map into the residual stream,
+    added to the block's input. The linear starts at zero, so a block gains time
+    conditioning without changing its function at step 0. Each block owns its own: it trains
+    and freezes with its block, which keeps growth stages independent of each other.
     """
 
-    def __init__(self, config: EuroBertConfig) -> None:
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(TIME_FEATURES, hidden_size, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        freqs = torch.exp(-math.log(1000.0) * torch.arange(TIME_FEATURES // 2) / (TIME_FEATURES // 2))
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        angles = 1000.0 * t.float().unsqueeze(-1) * self.freqs.to(t.device)
+        return self.proj(torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.proj.weight.dtype))
+
+
+class GrowModel(nn.Module):
+    """The design card's ``DenoiserStack``, grown one block at a time in either direction.
+
+    ``blocks[k - 1]`` is block k, always: module names (and so peft adapter keys and
+    checkpoint keys) do not shift when a block is prepended or appended. Blocks outside
+    ``first_block..last_block`` are ``NotGrown`` placeholders.
+    """
+
+    def __init__(self, config: EuroBertConfig, *, time_embedding: bool = False) -> None:
         super().__init__()
         self.config = config
         self.num_blocks = config.num_hidden_layers
@@ -157,16 +182,28 @@ class GrowModel(nn.Module):
         self.norm = EuroBertRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary_emb = EuroBertRotaryEmbedding(config=config)
-        # Blocks with id >= checkpoint_from recompute their activations in backward (the suffix).
-        self.checkpoint_from: int | None = None
+        # One per block slot when the network is given the noise level (time as input).
+        self.time_embed = (nn.ModuleList([TimeEmbedding(config.hidden_size) for _ in range(self.num_blocks)])
+                           if time_embedding else None)
+        # Blocks in checkpoint_blocks recompute their activations in backward (the frozen ones).
+        self.checkpoint_blocks: frozenset[int] = frozenset()
 
     # ------------------------------------------------------------------ growth
+
+    def _grown(self) -> list[int]:
+        return [i + 1 for i, b in enumerate(self.blocks) if not isinstance(b, NotGrown)]
 
     @property
     def first_block(self) -> int:
         """Id of the leftmost existing block (num_blocks + 1 when there is none yet)."""
-        grown = [i for i, b in enumerate(self.blocks) if not isinstance(b, NotGrown)]
-        return grown[0] + 1 if grown else self.num_blocks + 1
+        grown = self._grown()
+        return grown[0] if grown else self.num_blocks + 1
+
+    @property
+    def last_block(self) -> int:
+        """Id of the rightmost existing block (0 when there is none yet)."""
+        grown = self._grown()
+        return grown[-1] if grown else 0
 
     def new_block(self, block_id: int) -> EuroBertDecoderLayer:
         """A freshly initialised block for position ``block_id`` (not yet attached)."""
@@ -176,21 +213,30 @@ class GrowModel(nn.Module):
             nn.init.normal_(block.get_submodule(name).weight, std=std)
         return block.to(self.embed_tokens.weight.device)
 
+    def set_block(self, block_id: int, block: nn.Module) -> None:
+        """Put ``block`` in slot ``block_id``; the grown blocks must stay contiguous."""
+        grown = self._grown()
+        if grown and not grown[0] - 1 <= block_id <= grown[-1] + 1:
+            raise ValueError(f"block {block_id} would leave a gap next to blocks {grown[0]}..{grown[-1]}")
+        self.blocks[block_id - 1] = block
+
     def prepend_block(self, block: nn.Module) -> None:
-        """Put ``block`` left of the existing ones: it becomes block ``first_block - 1``."""
+        """Right-to-left growth (card 4.1): ``block`` becomes block ``first_block - 1``."""
         if self.first_block <= 1:
             raise ValueError("all blocks already exist")
-        self.blocks[self.first_block - 2] = block
+        self.set_block(self.first_block - 1, block)
 
     def block(self, block_id: int) -> nn.Module:
-        if not self.first_block <= block_id <= self.num_blocks:
-            raise IndexError(f"block {block_id} does not exist (blocks {self.first_block}..{self.num_blocks})")
+        if not self.first_block <= block_id <= self.last_block:
+            raise IndexError(f"block {block_id} does not exist (blocks {self.first_block}..{self.last_block})")
         return self.blocks[block_id - 1]
 
-    def freeze_suffix(self, start: int) -> None:
-        """Freeze blocks ``start..L``."""
-        for block_id in range(max(start, self.first_block), self.num_blocks + 1):
-            self.block(block_id).requires_grad_(False)
+    def block_modules(self, block_id: int) -> list[nn.Module]:
+        """Everything that belongs to block ``block_id``: the layer and its time embedding."""
+        own = [self.block(block_id)]
+        if self.time_embed is not None:
+            own.append(self.time_embed[block_id - 1])
+        return own
 
     def freeze_ends(self, frozen: bool = True) -> None:
         """Freeze (or unfreeze) the embedding, final norm and LM head: the fixed semantic anchor."""
@@ -210,17 +256,24 @@ class GrowModel(nn.Module):
         return self.embed_tokens(input_ids).to(self.norm.weight.dtype)
 
     def forward_from(
-        self, hidden: torch.Tensor, start: int | None = None, end: int | None = None
+        self, hidden: torch.Tensor, start: int | None = None, end: int | None = None, t: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Run blocks ``start..end`` (inclusive, 1-based ids) on hidden states."""
+        """Run blocks ``start..end`` (inclusive, 1-based ids) on hidden states.
+
+        ``t`` (one noise level per row) is required by a model with time embeddings and
+        ignored by one without: a time-free network reads the level off the mask pattern.
+        """
         start = self.first_block if start is None else start
-        end = self.num_blocks if end is None else end
+        end = self.last_block if end is None else end
+        if self.time_embed is not None and t is None:
+            raise ValueError("this model is conditioned on the noise level: pass t (one level per row)")
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         rope = self.rotary_emb(hidden, position_ids=positions)
         for block_id in range(start, end + 1):
             block = self.block(block_id)
-            suffix = self.checkpoint_from is not None and block_id >= self.checkpoint_from
-            if suffix and torch.is_grad_enabled():
+            if self.time_embed is not None:
+                hidden = hidden + self.time_embed[block_id - 1](t.to(hidden.device)).unsqueeze(1).to(hidden.dtype)
+            if block_id in self.checkpoint_blocks and torch.is_grad_enabled():
                 hidden = torch.utils.checkpoint.checkpoint(
                     block, hidden, None, positions, None, False, rope, use_reentrant=False
                 )
@@ -232,9 +285,10 @@ class GrowModel(nn.Module):
         """The shared LM head, tappable after any block."""
         return self.lm_head(self.norm(hidden).to(self.lm_head.weight.dtype))
 
-    def forward(self, input_ids: torch.Tensor, start: int | None = None, end: int | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start: int | None = None, end: int | None = None,
+                t: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of blocks ``start..end`` (default: every existing block)."""
-        return self.head(self.forward_from(self.embed(input_ids), start, end))
+        return self.head(self.forward_from(self.embed(input_ids), start, end, t))
 
     # ------------------------------------------------------------------ weights
 

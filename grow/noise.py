@@ -47,14 +47,37 @@ def mask_scores(keys: Sequence[int], seq_len: int, seed: int, salt: int = TRAIN_
     return torch.from_numpy(np.stack(rows))
 
 
-def nested_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Mask the ceil(ratio * T) lowest-scored tokens of each row (at least one for ratio > 0)."""
+def mask_counts(ratio: float | torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Masked tokens per row at noise level ``ratio`` (a float or one level per row): ceil(r * T)."""
+    ratio = torch.as_tensor(ratio, dtype=torch.float64)
+    return torch.ceil(ratio * seq_len - 1e-9).long().clamp(0, seq_len)
+
+
+def nested_mask(scores: torch.Tensor, ratio: float | torch.Tensor) -> torch.Tensor:
+    """Mask the ceil(ratio * T) lowest-scored tokens of each row.
+
+    ``ratio`` is one level for the whole batch or one per row (shape (B,)): per-row levels are
+    how a stage that samples t in a band or in U(0, 1) corrupts its batch, and a row's mask is
+    still nested in the mask that row would get at any heavier level.
+    """
     seq_len = scores.shape[-1]
-    count = min(seq_len, math.ceil(ratio * seq_len - 1e-9))
-    if count == 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    threshold = scores.kthvalue(count, dim=-1, keepdim=True).values
-    return scores <= threshold
+    counts = mask_counts(ratio, seq_len).to(scores.device).expand(scores.shape[:-1])
+    threshold = scores.sort(dim=-1).values.gather(-1, (counts - 1).clamp(min=0).unsqueeze(-1))
+    return (scores <= threshold) & (counts > 0).unsqueeze(-1)
+
+
+def row_levels(lo: float, hi: float, batch_size: int, seed: int, stream: int, step: int) -> torch.Tensor:
+    """Noise levels t_i of the global batch of ``step``: low-discrepancy in [lo, hi] (MDLM).
+
+    t_i = lo + (hi - lo) * ((u + i) / B mod 1) with one u per step, a pure function of
+    (seed, stream, step), so a resumed stage and every micro-batch split see the same levels.
+    Levels stay above 0, so every row masks at least one token.
+    """
+    if lo == hi:
+        return torch.full((batch_size,), float(lo), dtype=torch.float64)
+    u = np.random.default_rng([seed, stream, step, 7]).random()
+    t = lo + (hi - lo) * ((u + np.arange(batch_size)) / batch_size % 1.0)
+    return torch.from_numpy(np.maximum(t, 1e-6))
 
 
 def corrupt(ids: torch.Tensor, mask: torch.Tensor, mask_token_id: int) -> torch.Tensor:

@@ -96,7 +96,7 @@ def add_adapter(model: GrowModel, block_id: int, cfg: LoraConfig) -> None:
     """Give block ``block_id`` a fresh LoRA adapter (B = 0, so the function is unchanged)."""
     peft = peft_lib()
     # peft picks its bitsandbytes-aware LoRA layer only on models that say they are 4-bit.
-    model.is_loaded_in_4bit = any(is_quantized(model.block(k)) for k in range(model.first_block, model.num_blocks + 1))
+    model.is_loaded_in_4bit = any(is_quantized(model.block(k)) for k in range(model.first_block, model.last_block + 1))
     config = peft.LoraConfig(
         r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
         target_modules=[f"blocks.{block_id - 1}.{_qualified(t)}" for t in cfg.targets],
@@ -114,7 +114,7 @@ def _qualified(target: str) -> str:
 def adapter_blocks(model: GrowModel) -> list[int]:
     """Ids of blocks that carry an adapter."""
     return sorted(
-        k for k in range(model.first_block, model.num_blocks + 1)
+        k for k in range(model.first_block, model.last_block + 1)
         if any("lora_A" in n for n, _ in model.block(k).named_parameters())
     )
 
@@ -123,17 +123,24 @@ def adapter_parameters(model: GrowModel, block_id: int) -> list[nn.Parameter]:
     return [p for n, p in model.block(block_id).named_parameters() if "lora_" in n]
 
 
-def set_adapter_trainable(model: GrowModel, trained_block: int, cfg: LoraConfig) -> list[int]:
-    """Make the adapters of the ``cfg.blocks`` suffix blocks nearest ``trained_block`` trainable."""
-    window = model.num_blocks if cfg.blocks is None else cfg.blocks
-    trainable = []
-    for k in adapter_blocks(model):
-        on = trained_block < k <= trained_block + window
-        for p in adapter_parameters(model, k):
-            p.requires_grad_(on)
-        if on:
-            trainable.append(k)
-    return trainable
+def adapter_delta(stored: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], block_id: int,
+                  cfg: LoraConfig) -> dict[str, torch.Tensor]:
+    """Block ``block_id``'s stored linears with its adapter merged in: W + (B @ A) * alpha / r.
+
+    For a block that trains again in full precision after it was frozen: the adapter's
+    correction becomes part of the weights it continues from, and the adapter goes away.
+    Only the linears that carry an adapter are returned.
+    """
+    merged = {}
+    for name in BLOCK_LINEARS:
+        a = adapters.get(f"{PEFT_PREFIX}{block_id - 1}.{name}.lora_A.weight")
+        b = adapters.get(f"{PEFT_PREFIX}{block_id - 1}.{name}.lora_B.weight")
+        if a is None or b is None:
+            continue
+        key = f"model.layers.{block_id - 1}.{name}.weight"
+        weight = stored[key]
+        merged[key] = (weight.float() + (b.float() @ a.float()) * (cfg.alpha / cfg.rank)).to(weight.dtype)
+    return merged
 
 
 def peft_key(name: str) -> str:

@@ -177,7 +177,13 @@ def _count(ratio: float, n: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- depth = time
 
 
-def _depth_start(model, prompt, length, mask_id, ratios, temperature, top_p):
+def level_of(model, x: torch.Tensor, mask_id: int) -> torch.Tensor | None:
+    """The noise level a time-conditioned model is given: each row's masked fraction (the
+    quantity its training levels measured); None for a time-free model."""
+    return (x == mask_id).float().mean(1) if model.time_embed is not None else None
+
+
+def _depth_start(model, prompt, length, mask_id, ratios, paths, temperature, top_p):
     """Checks shared by the time-as-depth samplers; (x, masked, generated span per row)."""
     _check(model, prompt, length, temperature=temperature, top_p=top_p)
     L = model.num_blocks
@@ -185,6 +191,11 @@ def _depth_start(model, prompt, length, mask_id, ratios, temperature, top_p):
         raise UserError(f"ratios: expected one noise level per block ({L}), got {len(ratios)}")
     x, masked = _masked_input(prompt, length, mask_id)
     return x, masked, masked.sum(1)
+
+
+def right_to_left_paths(num_blocks: int) -> dict[int, tuple[int, int]]:
+    """The design card's level paths: level k is served by blocks k..L."""
+    return {k: (k, num_blocks) for k in range(1, num_blocks + 1)}
 
 
 def _unmask_to_level(model, hidden, x, masked, span, k, ratios, trace, *, mask_id, temperature, top_p, generator):
@@ -213,6 +224,7 @@ def depth(
     *,
     mask_id: int,
     ratios: Sequence[float],
+    paths: dict[int, tuple[int, int]] | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
@@ -220,11 +232,13 @@ def depth(
     """Time-as-depth: one forward pass in which block k is reverse-diffusion step k.
 
     Args:
-        model: a ``GrowModel`` (blocks ``first_block..L`` are run).
+        model: a ``GrowModel`` (blocks ``first_block..last_block`` are run).
         prompt: ``(B, P)`` prompt ids; P may be 0.
         length: tokens to generate after the prompt.
         mask_id: the tokenizer's mask token id.
         ratios: the schedule r_1..r_L (one per block id).
+        paths: unused: the single unroll runs every block in order whichever way a depth-tied
+            model grew (accepted so every depth-tied sampler takes the same arguments).
         temperature: 0 = argmax; otherwise sample from softmax(logits / temperature).
         top_p: nucleus filter applied when sampling.
         generator: the random stream (only used when temperature > 0).
@@ -236,14 +250,14 @@ def depth(
     sequence changes at the layer input, while everything the blocks so far computed stays.
     Block k+1 then continues from that stream.
     """
-    x, masked, span = _depth_start(model, prompt, length, mask_id, ratios, temperature, top_p)
+    x, masked, span = _depth_start(model, prompt, length, mask_id, ratios, paths, temperature, top_p)
     hidden = model.embed(x)
     mask_embedding = model.embed(torch.tensor([mask_id], device=x.device))
     trace, evals = [], 0
-    for k in range(model.first_block, model.num_blocks + 1):
+    for k in range(model.first_block, model.last_block + 1):
         if not masked.any():
             break
-        hidden = model.forward_from(hidden, k, k)
+        hidden = model.forward_from(hidden, k, k, level_of(model, x, mask_id))
         evals += 1
         x, masked, select, cand = _unmask_to_level(model, hidden, x, masked, span, k, ratios, trace, mask_id=mask_id,
                                                    temperature=temperature, top_p=top_p, generator=generator)
@@ -259,33 +273,41 @@ def suffix(
     *,
     mask_id: int,
     ratios: Sequence[float],
+    paths: dict[int, tuple[int, int]] | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> SampleResult:
-    """Time-as-depth with suffix execution: step k runs blocks k..L on the current tokens.
+    """Time-as-depth with path execution: step k runs the blocks that serve level k.
 
     Args:
-        model: a ``GrowModel``; steps run for block ids ``first_block..L``.
+        model: a ``GrowModel``.
         prompt: ``(B, P)`` prompt ids; P may be 0.
         length: tokens to generate after the prompt.
         mask_id: the tokenizer's mask token id.
         ratios: the schedule r_1..r_L.
+        paths: level k -> (first, last) blocks (``Loaded.paths``): k..L when grown right to
+            left (the card's "suffix execution", the default), 1..k when grown left to right.
         temperature, top_p, generator: as in ``depth``.
 
-    Step k sees the generated span masked at r_k -- what stage k trained blocks k..L on --
-    embeds it afresh, runs the suffix, and unmasks down to r_{k+1}. Costs sum_k (L-k+1)
-    block evaluations (L(L+1)/2 for a complete run) instead of depth's L.
+    Step k sees the generated span masked at r_k -- what the stage of level k trained its
+    blocks on -- embeds it afresh, runs the path, and unmasks down to r_{k+1}. Costs the sum
+    of the path lengths (L(L+1)/2 block evaluations for a complete run) instead of depth's L.
+    Levels whose path the model does not have yet are skipped.
     """
-    x, masked, span = _depth_start(model, prompt, length, mask_id, ratios, temperature, top_p)
+    x, masked, span = _depth_start(model, prompt, length, mask_id, ratios, paths, temperature, top_p)
+    paths = paths or right_to_left_paths(model.num_blocks)
     trace, forwards, evals = [], 0, 0
-    L = model.num_blocks
-    for k in range(model.first_block, L + 1):
+    have = range(model.first_block, model.last_block + 1)
+    for k in range(1, model.num_blocks + 1):
+        first, last = paths[k]
         if not masked.any():
             break
-        hidden = model.forward_from(model.embed(x), start=k)
+        if first not in have or last not in have:
+            continue
+        hidden = model.forward_from(model.embed(x), first, last, level_of(model, x, mask_id))
         forwards += 1
-        evals += L - k + 1
+        evals += last - first + 1
         x, masked, _, _ = _unmask_to_level(model, hidden, x, masked, span, k, ratios, trace, mask_id=mask_id,
                                            temperature=temperature, top_p=top_p, generator=generator)
     return SampleResult(x, trace, forwards=forwards, block_evals=evals, prompt_length=prompt.shape[1])
@@ -406,15 +428,15 @@ def iterative(
     _check_options(threshold, remask)
     x, editable = _masked_input(prompt, length, mask_id)
     x, trace, forwards = denoise(
-        _full_stack(model), model.head, x, editable, mask_id=mask_id, steps=steps, temperature=temperature, top_p=top_p,
+        _full_stack(model, mask_id), model.head, x, editable, mask_id=mask_id, steps=steps, temperature=temperature, top_p=top_p,
         threshold=threshold, remask=remask, generator=generator, cache=cache,
     )
-    blocks = model.num_blocks - model.first_block + 1
+    blocks = model.last_block - model.first_block + 1
     return SampleResult(x, trace, forwards=forwards, block_evals=forwards * blocks, prompt_length=prompt.shape[1])
 
 
-def _full_stack(model) -> HiddenFn:
-    return lambda ids: model.forward_from(model.embed(ids))
+def _full_stack(model, mask_id: int) -> HiddenFn:
+    return lambda ids: model.forward_from(model.embed(ids), t=level_of(model, ids, mask_id))
 
 
 def _check_options(threshold: float | None, remask: float) -> None:
@@ -457,7 +479,7 @@ def _rope(model, hidden: torch.Tensor, start: int) -> tuple[torch.Tensor, tuple[
 def _blocks(model, hidden: torch.Tensor, start: int, **kwargs) -> torch.Tensor:
     """Run every existing block on ``hidden`` whose first position id is ``start``."""
     positions, rope = _rope(model, hidden, start)
-    for k in range(model.first_block, model.num_blocks + 1):
+    for k in range(model.first_block, model.last_block + 1):
         hidden = model.block(k)(hidden, position_embeddings=rope, position_ids=positions, **kwargs)
     return hidden
 
@@ -541,6 +563,9 @@ def semi_ar(
     mode = prefix_mode or ("cached" if cache else "exact")
     if mode not in ("cached", "exact", "frozen"):
         raise ValueError(f"prefix_mode: expected cached, exact or frozen, got {mode!r}")
+    if model.time_embed is not None:
+        # A time-conditioned prefix changes with every step's level, so there is nothing to cache.
+        mode = "exact"
     if block_length < 1:
         raise UserError(f"--block-length: expected a positive number of tokens, got {block_length}")
     if length <= 0:
@@ -564,7 +589,7 @@ def semi_ar(
     window = room if context is None else min(context, room)
     generated = prompt.new_zeros((B, 0))
     trace: list[dict[str, Any]] = []
-    forwards, prefills, evals_per_forward = 0, 0, model.num_blocks - model.first_block + 1
+    forwards, prefills, evals_per_forward = 0, 0, model.last_block - model.first_block + 1
     for start in range(0, length, block_length):
         n = min(block_length, length - start)
         seen = generated[:, max(0, generated.shape[1] - window) :] if window else generated[:, :0]
@@ -576,7 +601,7 @@ def semi_ar(
             x = torch.cat([prefix, block], 1)
             editable = torch.cat([torch.zeros_like(prefix, dtype=torch.bool), editable], 1)
             x, steps_trace, f = denoise(
-                _full_stack(model), model.head, x, editable, mask_id=mask_id, steps=steps, temperature=temperature,
+                _full_stack(model, mask_id), model.head, x, editable, mask_id=mask_id, steps=steps, temperature=temperature,
                 top_p=top_p, threshold=threshold, remask=remask, generator=generator, offset=P + start - Lp,
             )
             block = x[:, Lp:]
@@ -618,6 +643,7 @@ def generate(
     *,
     mask_id: int,
     ratios: Sequence[float] | None = None,
+    paths: dict[int, tuple[int, int]] | None = None,
     steps: int | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -639,7 +665,7 @@ def generate(
         if threshold is not None or remask:
             raise UserError(f"--threshold/--remask: not used by --mode {mode} (its steps are the schedule's)")
         fn = depth if mode == "depth" else suffix
-        return fn(model, prompt, length, mask_id=mask_id, ratios=ratios, temperature=temperature, top_p=top_p,
+        return fn(model, prompt, length, mask_id=mask_id, ratios=ratios, paths=paths, temperature=temperature, top_p=top_p,
                   generator=generator)
     if mode == "iterative":
         return iterative(model, prompt, length, mask_id=mask_id, steps=length if steps is None else steps,

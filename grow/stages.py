@@ -1,17 +1,18 @@
-"""Right-to-left growth (design card 4.1): stage L, then L-1, ..., then 1.
+"""The stage runner: train the stages of a run, in order, committing each one.
 
-Stage k:
-  1. freeze blocks k+1..L (and, for k < L, the embedding, final norm and head: the anchor);
-  2. prepend a fresh block k, with spectral norm and residual gain attached;
-  3. corrupt each batch at r_k with the nested deterministic mask;
-  4. train block k (stage L: block L + embedding + norm + head) so that blocks k..L
-     reconstruct the masked tokens through the shared head;
-  5. measure held-out CE at r_k, snapshot what trained (fp32, whole -- DeepSpeed's master
-     copy under ZeRO), fold block k's parametrizations on a CPU replica, commit ``stage-kk``.
+The curriculum (``grow.curriculum``) says what every stage is; this module only runs them:
 
-Every stage starts from a model rebuilt from the committed stages k+1..L, and everything else
-it needs is a function of (config, seed, k): an uninterrupted run and one resumed between
-stages take the very same path, and no engine state outlives its stage.
+  1. rebuild the stage's network from the committed stages (``grow.assemble``): the blocks it
+     trains in full precision (fresh or continued, with spectral norm and residual gain), the
+     frozen ones in 4-bit with their LoRA adapters, the ends trainable or anchored;
+  2. hand the trainable parameters to the engine (plain PyTorch or DeepSpeed) and the
+     stage's objective (``grow.objective``) as the loss of each step;
+  3. measure held-out CE, snapshot what trained (fp32, whole -- DeepSpeed's master copy
+     under ZeRO), fold the trained blocks on a CPU replica and commit ``stage-NN-LABEL``.
+
+Every stage starts from a model rebuilt from the store, and everything else it needs is a
+function of (config, seed, stage): an uninterrupted run and one resumed between stages take
+the very same path, and no engine state outlives its stage.
 """
 
 from __future__ import annotations
@@ -27,140 +28,32 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file
 
 import grow
+from grow.assemble import RunState, assemble, block_prefixes
 from grow.checkpoint import (PREEMPT, Preempted, checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint,
                              trained_tensors)
 from grow.config import GrowConfig
-from grow.data import Corpus, batch_positions
+from grow.curriculum import StageSpec, stage_specs
+from grow.data import Corpus
 from grow.engine import PlainEngine, autocast, resolve_device, run_loop
 from grow.errors import UserError
-from grow.evaluate import heldout_ce
+from grow.evaluate import level_report
 from grow.memory import peak_bytes, reset_peak, stage_account
-from grow.model import GrowModel, add_stability, fold, hf_config
-from grow.noise import TRAIN_SALT, corrupt, mask_scores, masked_ce, nested_mask
-from grow.quant import (ADAPTER_WEIGHTS, add_adapter, cast_ends, load_adapter_state, peft_key, quantize_block,
-                        set_adapter_trainable, write_adapters)
+from grow.model import GrowModel, add_stability, fold
+from grow.objective import MaskedDiffusionLoss, stage_batch
+from grow.quant import write_adapters
 from grow.store import Stage, list_stages, require_run, write_stage
 
 Log = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    """What stage ``block`` trains and at which noise level."""
-
-    block: int
-    ratio: float
-    steps: int
-    trains_ends: bool  # stage L also trains embedding, final norm and head
-
-
-def stage_specs(cfg: GrowConfig) -> list[StageSpec]:
-    """Stages in the order they run: block L first."""
-    ratios = cfg.ratios()
-    L = cfg.model.num_blocks
-    return [StageSpec(k, ratios[k - 1], cfg.steps_for(k), k == L) for k in range(L, 0, -1)]
-
-
-def seed_everything(seed: int, block: int) -> None:
-    """Seed Python, NumPy and torch from (run seed, block), independent of earlier stages."""
-    state = int(np.random.SeedSequence([seed, block]).generate_state(1)[0])
+def seed_everything(seed: int, stage: int) -> None:
+    """Seed Python, NumPy and torch from (run seed, stage), independent of earlier stages."""
+    state = int(np.random.SeedSequence([seed, stage]).generate_state(1)[0])
     random.seed(state)
     np.random.seed(state)
     torch.manual_seed(state)
-
-
-def special_ids(tokenizer) -> dict[str, int | None]:
-    return {
-        "mask": tokenizer.mask_token_id,
-        "pad": tokenizer.pad_token_id,
-        "bos": tokenizer.bos_token_id,
-        "eos": tokenizer.eos_token_id,
-    }
-
-
-def build_model(cfg: GrowConfig, tokenizer) -> GrowModel:
-    vocab = cfg.model.vocab_size or len(tokenizer)
-    if vocab < len(tokenizer):
-        raise UserError(f"model.vocab_size: {vocab} is smaller than the tokenizer's {len(tokenizer)} tokens")
-    return GrowModel(hf_config(cfg.model, vocab, special_ids(tokenizer)))
-
-
-def prepare_suffix_block(model: GrowModel, block_id: int, cfg: GrowConfig, device: torch.device) -> None:
-    """Turn freshly frozen block ``block_id`` into a suffix block: 4-bit, with a LoRA adapter.
-
-    Runs at the start of stage ``block_id - 1`` (and for every stored suffix block on
-    restore), always in this order, so fresh and resumed runs build identical models.
-    """
-    if cfg.quant.enabled:
-        quantize_block(model.block(block_id), cfg.quant, device)
-    if block_id == model.num_blocks:
-        cast_ends(model, cfg.quant)
-    if cfg.lora.enabled:
-        add_adapter(model, block_id, cfg.lora)
-
-
-def restore_suffix(model: GrowModel, stages: dict[int, Stage], cfg: GrowConfig, device: torch.device) -> None:
-    """Rebuild the state right after the leftmost stored stage: blocks, 4-bit suffix, adapters.
-
-    The stages must be a contiguous suffix j..L. Block j stays in full precision (it is
-    quantized when stage j-1 starts); j+1..L are rebuilt from their stored full-precision
-    weights and get the adapters stored by stage j.
-    """
-    L = model.num_blocks
-    first = min(stages)
-    missing = [k for k in range(first, L + 1) if k not in stages]
-    if missing:
-        raise UserError(f"RUN: stages {missing} are missing or invalid between block {first} and {L}")
-    model.load_ends(stages[L].weights())
-    model.freeze_ends(True)
-    for block_id in range(L, first - 1, -1):
-        model.prepend_block(model.load_block(block_id, stages[block_id].weights()).to(device))
-        model.block(block_id).requires_grad_(False)
-    for block_id in range(L, first, -1):
-        prepare_suffix_block(model, block_id, cfg, device)
-    if cfg.lora.enabled and first < L:
-        load_adapter_state(model, load_file(stages[first].path / ADAPTER_WEIGHTS, device=str(device)))
-
-
-def load_run(run: Path, device: torch.device | str = "cpu", *, require_complete: bool = False,
-             log: Log | None = None):
-    """(config, model, tokenizer) of a run as its newest stage left it, in eval mode.
-
-    The model is exactly the one training used: the leftmost stored block in full
-    precision, the suffix in 4-bit with its adapters (per the run's config). A run still
-    growing yields the contiguous suffix of stages that ends at block L; stages not joined
-    to it (left behind by an interrupted --from-stage, say) are ignored with a warning.
-    """
-    from grow.config import from_dict
-    from grow.data import load_tokenizer
-
-    run = require_run(Path(run))
-    cfg = from_dict(GrowConfig, yaml.safe_load((run / "grow.yaml").read_text()))
-    L = cfg.model.num_blocks
-    stages = list_stages(run, verify=True)
-    if not stages:
-        raise UserError(f"RUN: {run} has no complete stage; train one with grow train CONFIG --out {run}")
-    suffix = []
-    for k in range(L, 0, -1):
-        if k not in stages:
-            break
-        suffix.append(k)
-    if not suffix:
-        raise UserError(f"RUN: {run} has no complete stage for block {L}, which every suffix starts from")
-    detached = sorted(set(stages) - set(suffix))
-    if detached and log is not None:
-        log(f"warning: {run}: stages {detached} are not joined to block {L}; ignored")
-    if require_complete and min(suffix) != 1:
-        raise UserError(f"RUN: {run} is grown down to block {min(suffix)} only; finish it with grow train --resume")
-    tokenizer = load_tokenizer(run / "tokenizer")
-    device = torch.device(device)
-    model = build_model(cfg, tokenizer).to(device)
-    restore_suffix(model, {k: stages[k] for k in suffix}, cfg, device)
-    model.eval()
-    return cfg, model, tokenizer
 
 
 def versions() -> dict[str, str]:
@@ -172,6 +65,60 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+
+
+# --------------------------------------------------------------------------- what is committed
+
+
+def committed(run: Path, specs: list[StageSpec], verify: bool = True) -> tuple[list[Stage], str | None]:
+    """The committed stages that continue the run (a prefix of ``specs``), and why it stops early.
+
+    A stage counts only when every stage before it counts: a later stage was trained on top
+    of the earlier ones, so it means nothing without them.
+    """
+    stages = list_stages(run, verify=verify)
+    prefix: list[Stage] = []
+    for spec in specs:
+        stage = stages.get(spec.index)
+        if stage is None:
+            break
+        if stage.spec.get("label") != spec.label:
+            return prefix, f"{stage.name} does not match this config's stage {spec.name}"
+        prefix.append(stage)
+    later = sorted(i for i in stages if i > len(prefix))
+    if later:
+        return prefix, f"{stages[later[0]].name} follows a missing or invalid {specs[len(prefix)].name}"
+    return prefix, None
+
+
+def load_run(run: Path, device: torch.device | str = "cpu", *, require_complete: bool = False,
+             log: Log | None = None):
+    """(config, model, tokenizer, spec) of a run as its newest committed stage left it, in eval mode.
+
+    The model is exactly the one that stage measured: the blocks it trained in full
+    precision, the frozen ones in 4-bit with their adapters (per the run's config). Stages
+    after a missing or invalid one are ignored with a warning.
+    """
+    from grow.config import from_dict
+    from grow.data import load_tokenizer
+
+    run = require_run(Path(run))
+    cfg = from_dict(GrowConfig, yaml.safe_load((run / "grow.yaml").read_text()))
+    specs = stage_specs(cfg)
+    stages, problem = committed(run, specs)
+    if problem and log is not None:
+        log(f"warning: {run}: {problem}; using the stages before it")
+    if not stages:
+        raise UserError(f"RUN: {run} has no complete stage; train one with grow train CONFIG --out {run} --resume")
+    if require_complete and len(stages) < len(specs):
+        raise UserError(f"RUN: {run} has {len(stages)} of {len(specs)} stages; finish it with grow train --resume")
+    spec = specs[len(stages) - 1]
+    tokenizer = load_tokenizer(run / "tokenizer")
+    model = assemble(cfg, tokenizer, spec, RunState(stages), device, training=False)
+    return cfg, model, tokenizer, spec
+
+
+# --------------------------------------------------------------------------- one stage
 
 
 class Backend:
@@ -215,103 +162,67 @@ class StageResult:
     tokens: int
     seconds: float
     heldout_ce: float
+    levels: dict
     memory: dict
-    snapshot: dict[str, torch.Tensor]  # fp32 CPU copy of everything the stage trained (+ block k buffers)
-
-
-def snapshot_trained(model: GrowModel, block_id: int, engine) -> dict[str, torch.Tensor]:
-    """Everything stage k trained, whole and fp32 on the CPU.
-
-    Under DeepSpeed the values come from the optimizer's fp32 master copy (whole, even under
-    ZeRO-3), not from the possibly 16-bit, possibly partitioned module parameters.
-    """
-    return trained_tensors(model, block_id, master=getattr(engine, "full_fp32", None), dtype=torch.float32)
+    snapshot: dict[str, torch.Tensor]  # fp32 CPU copy of everything the stage trained (+ trained blocks' buffers)
 
 
 def stage_files(model: GrowModel, cfg: GrowConfig, spec: StageSpec, snapshot: dict[str, torch.Tensor],
-                previous: Stage | None):
-    """(weights, adapters) to commit for stage k, computed on a CPU replica from the snapshot."""
-    prefix = f"blocks.{spec.block - 1}."
+                state: RunState):
+    """(weights, adapters) to commit for a stage, computed on a CPU replica from the snapshot.
+
+    Weights: every block the stage trained, folded (spectral norm and gain become plain
+    weights), with its time embedding; the ends when it trained them. Adapters: the whole set
+    of the stage's frozen blocks, the trained ones from the snapshot and the others as the
+    previous stage stored them (None when the stage has no frozen block with an adapter).
+    """
     replica = GrowModel(model.config)
-    block = replica.new_block(spec.block).cpu()
-    add_stability(block, cfg.stability)
-    block.load_state_dict({k[len(prefix):]: v for k, v in snapshot.items() if k.startswith(prefix)
-                           and "lora_" not in k}, strict=True)
-    fold(block)
-    weights = {f"model.layers.{spec.block - 1}.{k}": v for k, v in block.state_dict().items()}
+    weights: dict[str, torch.Tensor] = {}
+    for k in spec.train:
+        layer, time = block_prefixes(k)
+        prefix = f"blocks.{k - 1}."
+        block = replica.new_block(k).cpu()
+        add_stability(block, cfg.stability)
+        block.load_state_dict({n[len(prefix):]: v for n, v in snapshot.items() if n.startswith(prefix)}, strict=True)
+        fold(block)
+        weights.update({f"{layer}{n}": v for n, v in block.state_dict().items()})
+        weights.update({f"{time}{n[len(f'time_embed.{k - 1}.'):]}": v for n, v in snapshot.items()
+                        if n.startswith(f"time_embed.{k - 1}.")})
     if spec.trains_ends:
         weights.update({"model.embed_tokens.weight": snapshot["embed_tokens.weight"],
                         "model.norm.weight": snapshot["norm.weight"], "lm_head.weight": snapshot["lm_head.weight"]})
-    adapters = None
-    if cfg.lora.enabled and not spec.trains_ends:
-        # Frozen adapters (outside lora.blocks) are as the previous stage stored them.
-        adapters = load_file(previous.path / ADAPTER_WEIGHTS) if previous and (previous.path / ADAPTER_WEIGHTS).exists() else {}
-        adapters.update({peft_key(k): v for k, v in snapshot.items() if "lora_" in k})
+    if not (cfg.lora.enabled and spec.frozen):
+        return weights, None
+    from grow.quant import PEFT_PREFIX, peft_key
+
+    frozen = tuple(f"{PEFT_PREFIX}{k - 1}." for k in spec.frozen)
+    adapters = {n: v for n, v in state.adapters().items() if n.startswith(frozen)}
+    adapters.update({peft_key(n): v for n, v in snapshot.items() if "lora_" in n})
     return weights, adapters
 
 
-def train_stage(
-    model: GrowModel,
-    spec: StageSpec,
-    corpus: Corpus,
-    cfg: GrowConfig,
-    backend: Backend,
-    *,
-    log: Log,
-    run: Path | None = None,
-) -> StageResult:
-    """Prepend and train block ``spec.block`` on a model holding the stored suffix k+1..L."""
+def train_stage(spec: StageSpec, corpus: Corpus, cfg: GrowConfig, backend: Backend, state: RunState, *,
+                log: Log, run: Path | None = None) -> tuple[GrowModel, StageResult]:
+    """Build stage ``spec``'s network from ``state``, train it, measure it; returns (model, result)."""
     device = backend.device
-    seed_everything(cfg.train.seed, spec.block)
-    L = model.num_blocks
-    if spec.trains_ends:
-        model.init_ends()
-    else:
-        prepare_suffix_block(model, spec.block + 1, cfg, device)
-    model.freeze_suffix(spec.block + 1)
-    model.freeze_ends(not spec.trains_ends)
-    block = model.new_block(spec.block)
-    add_stability(block, cfg.stability)
-    model.prepend_block(block)
-    block.requires_grad_(True)
-    adapters = set_adapter_trainable(model, spec.block, cfg.lora) if cfg.lora.enabled else []
-    model.checkpoint_from = spec.block + 1 if cfg.train.checkpoint_suffix else None
-    model.train()
-
+    seed_everything(cfg.train.seed, spec.index)
+    model = assemble(cfg, corpus.tokenizer, spec, state, device, training=True)
     params = list(model.trainable_parameters())
     reset_peak(device)
     engine = backend.engine(model, params, spec.steps)
-    mask_id = corpus.mask_token_id
+    objective = MaskedDiffusionLoss(spec, cfg, corpus.mask_token_id)
     B, T = cfg.train.batch_size, corpus.train.shape[1]
-    next_ratio = cfg.ratios()[spec.block] if spec.block < L else None
-    consistency = cfg.stability.consistency_weight if next_ratio is not None else 0.0
 
     def loss_fn(step: int, rows: slice) -> torch.Tensor:
-        sample_ids, epochs = batch_positions(len(corpus.train), step, B, cfg.train.seed, stream=spec.block)
-        sample_ids, epochs = sample_ids[rows], epochs[rows]
-        ids = corpus.train[torch.from_numpy(sample_ids)].to(device)
-        # The mask key ignores the stage, so a sample's masks are nested across stages.
-        keys = epochs * len(corpus.train) + sample_ids
-        scores = mask_scores(keys, T, cfg.train.seed, TRAIN_SALT)
-        mask = nested_mask(scores, spec.ratio).to(device)
+        batch = stage_batch(corpus.train, spec, cfg, step, rows, device)
         with autocast(cfg, device):
-            after_k = model.forward_from(model.embed(corrupt(ids, mask, mask_id)), start=spec.block, end=spec.block)
-            hidden = model.forward_from(after_k, start=spec.block + 1)
-            # The head only where the loss is: at r=0.15 that is 7x fewer head FLOPs.
-            loss = masked_ce(model.head(hidden[mask]), ids[mask])
-            if consistency:
-                # What the suffix was trained on as its input: the same sample at r_{k+1}
-                # (the nested mask), embedded. Block k learns one reverse step in that space.
-                lighter = nested_mask(scores, next_ratio).to(device)
-                target = model.embed(corrupt(ids, lighter, mask_id)).detach()
-                loss = loss + consistency * torch.nn.functional.mse_loss(after_k.float(), target.float())
-        return loss
+            return objective(model, batch)
 
     start_step, losses = 0, []
-    root = checkpoint_root(run, spec.block) if run is not None else None
+    root = checkpoint_root(run, spec.name) if run is not None else None
     if root is not None and (found := latest_checkpoint(root, log)) is not None:
-        start_step, losses = load_checkpoint(found, model, spec.block, engine)
-        log(f"block {spec.block}: resuming at step {start_step}/{spec.steps} from {found}")
+        start_step, losses = load_checkpoint(found, model, spec.train, engine)
+        log(f"{spec.name}: resuming at step {start_step}/{spec.steps} from {found}")
 
     def after_step(done: int, losses: list[float]) -> None:
         if root is None or done == spec.steps:
@@ -319,61 +230,59 @@ def train_stage(
         every = cfg.train.checkpoint_every
         saved = None
         if every and done % every == 0:
-            saved = save_checkpoint(root, done, model, spec.block, engine, losses, cfg.train.keep_checkpoints)
+            saved = save_checkpoint(root, done, model, spec.train, engine, losses, cfg.train.keep_checkpoints)
         if PREEMPT.requested:
             if saved is None:
-                saved = save_checkpoint(root, done, model, spec.block, engine, losses, cfg.train.keep_checkpoints)
+                saved = save_checkpoint(root, done, model, spec.train, engine, losses, cfg.train.keep_checkpoints)
             raise Preempted(saved, done)
 
-    label = f"block {spec.block}/{model.num_blocks} r={spec.ratio:.3f}"
+    label = f"{spec.name} {spec.noise.describe()}"
     try:
         record = run_loop(
             engine, loss_fn, steps=spec.steps, tokens_per_step=B * T, label=label, log=log,
             log_every=cfg.train.log_every, metrics_file=run / "metrics.jsonl" if run and backend.is_main else None,
             start_step=start_step, losses=losses, after_step=after_step,
         )
-        memory = {**stage_account(model, spec.block, getattr(engine, "torch_optimizer", engine.optimizer)),
-                  **peak_bytes(device),
-                  "trainable_adapter_blocks": adapters}
+        memory = {**stage_account(model, spec, getattr(engine, "torch_optimizer", engine.optimizer)),
+                  **peak_bytes(device), "trainable_adapter_blocks": list(spec.adapters)}
         model.eval()
         with autocast(cfg, device):
-            ce = heldout_ce(
-                lambda x: model(x, start=spec.block), corpus.heldout, spec.ratio, mask_token_id=mask_id,
-                seed=cfg.train.seed, batch_size=B, batches=cfg.train.eval_batches, device=device,
-            )
-        snapshot = snapshot_trained(model, spec.block, engine)
+            own, levels = level_report(model, cfg, spec, corpus.heldout, corpus.mask_token_id, device)
+        snapshot = trained_tensors(model, spec.train, master=getattr(engine, "full_fp32", None), dtype=torch.float32)
     finally:
         if hasattr(engine, "close"):
             engine.close()
-    return StageResult(record.losses, record.tokens, record.seconds, ce, memory, snapshot)
+    return model, StageResult(record.losses, record.tokens, record.seconds, own, levels, memory, snapshot)
 
 
-def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after: int | None = None,
+# --------------------------------------------------------------------------- the run
+
+
+def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after: str | None = None,
              backend: Backend | None = None) -> None:
-    """Grow every block not yet stored in ``run``, right to left, committing each stage.
+    """Run every stage of the curriculum not yet committed in ``run``, in order, committing each.
 
-    Each stage starts from a model rebuilt from the committed stages -- the same path a
-    resume takes -- so nothing of an earlier stage's engine survives into the next.
+    ``stop_after`` names a stage (its index or label) after whose commit the run stops.
     """
     backend = backend or Backend(cfg)
-    device = backend.device
-    stages = list_stages(run, verify=True)
+    specs = stage_specs(cfg)
+    stages, problem = committed(run, specs)
+    if problem:
+        first_bad = specs[len(stages)]
+        raise UserError(f"RUN: {problem}; re-run from it with --from-stage {first_bad.index}"
+                        + (f" --deepspeed {cfg.train.deepspeed}" if cfg.train.deepspeed else ""))
     if stages:
-        log(f"resuming: blocks {min(stages)}..{cfg.model.num_blocks} are stored in {run}")
-    for spec in stage_specs(cfg):
-        if spec.block in stages:
-            continue
-        model = build_model(cfg, corpus.tokenizer).to(device)
-        if stages:
-            restore_suffix(model, stages, cfg, device)
-        result = train_stage(model, spec, corpus, cfg, backend, log=log, run=run)
+        log(f"resuming: stages 1..{len(stages)} of {len(specs)} are committed in {run}")
+    for spec in specs[len(stages):]:
+        state = RunState(list(stages))
+        model, result = train_stage(spec, corpus, cfg, backend, state, log=log, run=run)
         if backend.is_main:
-            weights, adapters = stage_files(model, cfg, spec, result.snapshot, stages.get(spec.block + 1))
+            weights, adapters = stage_files(model, cfg, spec, result.snapshot, state)
             manifest = {
-                "ratio": spec.ratio,
                 "steps": spec.steps,
                 "tokens_seen": result.tokens,
                 "heldout_ce": result.heldout_ce,
+                "levels": result.levels,
                 "final_train_loss": result.losses[-1],
                 "losses": result.losses,
                 "train_seconds": result.seconds,
@@ -389,14 +298,14 @@ def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after
                 "config": cfg.to_dict(),
                 "versions": versions(),
             }
-            writers = [lambda d: write_adapters(adapters, cfg.lora, d)] if adapters is not None else []
-            write_stage(run, spec.block, weights, manifest, max_shard_size=cfg.store.max_shard_size,
+            writers = [lambda d: write_adapters(adapters, cfg.lora, d)] if adapters else []
+            write_stage(run, spec.to_dict(), weights, manifest, max_shard_size=cfg.store.max_shard_size,
                         tokenizer=corpus.tokenizer, extra_writers=writers)
-            shutil.rmtree(checkpoint_root(run, spec.block), ignore_errors=True)  # superseded by the stage
-            log(f"stage {spec.block:02d} committed: held-out masked CE at r={spec.ratio:.3f} is "
+            shutil.rmtree(checkpoint_root(run, spec.name), ignore_errors=True)  # superseded by the stage
+            log(f"{spec.name} committed: held-out masked CE at {spec.noise.describe()} is "
                 f"{result.heldout_ce:.4f} ({result.seconds:.1f} s)")
         backend.barrier()
         del model, result
-        stages = list_stages(run, verify=False)
-        if stop_after is not None and spec.block == stop_after:
+        stages, _ = committed(run, specs, verify=False)
+        if stop_after is not None and stop_after in (str(spec.index), spec.label, spec.name):
             break

@@ -1,14 +1,20 @@
-"""The stage store: one directory per grown block, committed by a manifest written last.
+"""The stage store: one directory per stage, in run order, committed by a manifest written last.
 
     RUN/
       grow.yaml               resolved config of the run (informational; manifests are authoritative)
       tokenizer/              the run's tokenizer (transformers format)
-      stage-06/               block 6 (+ embeddings, final norm, head: stage L trains them)
+      stage-01-block06/       what stage 1 trained: block 6 (+ embeddings, final norm, head)
         model.safetensors | model-0000i-of-0000n.safetensors
         model.safetensors.index.json
+        adapter_config.json, adapter_model.safetensors   every frozen block's LoRA adapter (peft)
         tokenizer.json, tokenizer_config.json, ...
         manifest.json         written last; its sha256 list is what makes the stage real
-      stage-05/ ...
+      stage-02-block05/ ...
+
+A stage directory is named ``stage-NN-LABEL``: NN its position in the run (``StageSpec.index``),
+LABEL what it trained (``block05``, ``joint``, ``whole``). It stores exactly the tensors the stage
+trained, so the current weights of a block are in the latest stage that trained it
+(``grow.assemble.RunState``).
 
 A stage is written into a hidden temporary sibling, the manifest is written last there
 (temp file, fsync, rename), and only then is the directory renamed into place, so a crash
@@ -23,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -37,11 +44,15 @@ from grow.errors import UserError
 
 MANIFEST = "manifest.json"
 INDEX = "model.safetensors.index.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: stages named by run order (stage-NN-LABEL), spec in the manifest
 
 
-def stage_dir(run: Path, block: int) -> Path:
-    return Path(run) / f"stage-{block:02d}"
+STAGE_NAME = re.compile(r"stage-(\d{2,})-([a-z0-9]+)")
+
+
+def stage_dir(run: Path, name: str) -> Path:
+    """``RUN/stage-NN-LABEL`` for a stage named by ``StageSpec.name``."""
+    return Path(run) / name
 
 
 def fsync_dir(path: Path) -> None:
@@ -104,8 +115,17 @@ class Stage:
     manifest: dict[str, Any]
 
     @property
-    def block(self) -> int:
-        return self.manifest["block"]
+    def index(self) -> int:
+        return self.manifest["stage"]["index"]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The ``StageSpec`` (as a dict) this stage ran."""
+        return self.manifest["stage"]
 
     def weights(self) -> dict[str, torch.Tensor]:
         return load_weights(self.path)
@@ -116,7 +136,7 @@ class Stage:
 
 def write_stage(
     run: Path,
-    block: int,
+    spec: dict[str, Any],
     weights: dict[str, torch.Tensor],
     manifest: dict[str, Any],
     *,
@@ -124,12 +144,13 @@ def write_stage(
     tokenizer=None,
     extra_writers=(),
 ) -> Stage:
-    """Commit stage ``block``: weights, tokenizer, extra files, then the manifest, then the rename.
+    """Commit a stage: weights, tokenizer, extra files, then the manifest, then the rename.
 
-    ``extra_writers`` are callables ``f(directory)`` that add files (e.g. adapters); every file
-    they write is hashed into the manifest like the weights.
+    ``spec`` is the ``StageSpec`` as a dict (it names the directory). ``extra_writers`` are
+    callables ``f(directory)`` that add files (e.g. adapters); every file they write is hashed
+    into the manifest like the weights.
     """
-    final = stage_dir(run, block)
+    final = stage_dir(run, f"stage-{spec['index']:02d}-{spec['label']}")
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -144,11 +165,11 @@ def write_stage(
         with open(path, "rb") as f:
             os.fsync(f.fileno())
         files[str(path.relative_to(tmp))] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    manifest = {"format_version": FORMAT_VERSION, "block": block, **manifest, "files": files,
+    manifest = {"format_version": FORMAT_VERSION, "stage": spec, **manifest, "files": files,
                 "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_json_atomic(tmp / MANIFEST, manifest)
     if final.exists():
-        # Only reachable when re-growing this block (--from-stage / --overwrite): keep the old one.
+        # Only reachable when re-running this stage (--from-stage / --overwrite): keep the old one.
         final.rename(final.with_name(f"{final.name}.replaced-{int(time.time())}"))
     os.replace(tmp, final)
     fsync_dir(final.parent)
@@ -174,6 +195,10 @@ def stage_problem(path: Path, verify: bool = True) -> str | None:
         return "manifest is not valid JSON"
     if manifest.get("format_version") != FORMAT_VERSION:
         return f"manifest format_version {manifest.get('format_version')} is not {FORMAT_VERSION}"
+    named = STAGE_NAME.fullmatch(path.name)
+    spec = manifest.get("stage")
+    if named and (not isinstance(spec, dict) or (spec.get("index"), spec.get("label")) != (int(named[1]), named[2])):
+        return f"manifest describes {_stage_name(spec)}, not {path.name}"
     for name, entry in manifest.get("files", {}).items():
         file = path / name
         if not file.is_file():
@@ -185,13 +210,25 @@ def stage_problem(path: Path, verify: bool = True) -> str | None:
     return None
 
 
+def _stage_name(spec: Any) -> str:
+    if isinstance(spec, dict) and isinstance(spec.get("index"), int):
+        return f"stage-{spec['index']:02d}-{spec.get('label')}"
+    return "no stage"
+
+
+def stage_paths(run: Path) -> list[Path]:
+    """Every ``stage-NN-LABEL`` directory of a run, in run order (valid or not)."""
+    paths = [p for p in Path(run).iterdir() if p.is_dir() and STAGE_NAME.fullmatch(p.name)] if Path(run).is_dir() else []
+    return sorted(paths, key=lambda p: (int(STAGE_NAME.fullmatch(p.name)[1]), p.name))
+
+
 def list_stages(run: Path, verify: bool = False) -> dict[int, Stage]:
-    """Committed stages of a run by block id (hash-checked when ``verify``)."""
+    """Committed stages of a run by index (hash-checked when ``verify``)."""
     stages = {}
-    for path in sorted(Path(run).glob("stage-[0-9][0-9]")):
+    for path in stage_paths(run):
         stage = read_stage(path, verify)
         if stage is not None:
-            stages[stage.block] = stage
+            stages[stage.index] = stage
     return stages
 
 

@@ -99,7 +99,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def grow_in_process(run, cfg, stop_after=None):
+def grow_in_process(run, cfg, stop_after: str | None = None):
     """Load the corpus (tokenizer into RUN/tokenizer) and grow ``cfg`` into ``run``; returns the Corpus."""
     from grow.data import load_corpus
     from grow.stages import grow_run

@@ -21,29 +21,34 @@ def test_two_stage_run_then_status(tmp_path, corpus_file, capsys):
     run = tmp_path / "run"
     assert run_cli("train", "configs/tiny.yaml", "--out", run, *tiny_overrides(corpus_file)) == 0
     out = capsys.readouterr().out
-    assert "stage 02 committed" in out and "stage 01 committed" in out
-    assert "block 2/2" in out and "loss" in out and "tok/s" in out  # metrics lines
+    assert "stage-01-block02 committed" in out and "stage-02-block01 committed" in out
+    assert "stage-01-block02 r=0.200 | step" in out and "loss" in out and "tok/s" in out  # metrics lines
     assert sorted(list_stages(run, verify=True)) == [1, 2]
     assert (run / "grow.yaml").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
     assert run_cli("status", run, "--verify") == 0
-    lines = capsys.readouterr().out.splitlines()
-    table = lines[: lines.index("")]
-    rows = [line.split() for line in table if line.strip() and line.split()[0].isdigit()]
-    assert [r[0] for r in rows] == ["2", "1"] and all(r[-1] == "done" for r in rows)
-    memory = [line.split() for line in lines[lines.index(""):] if line.strip() and line.split()[0].isdigit()]
-    assert [m[0] for m in memory] == ["2", "1"]
+    out = capsys.readouterr().out
+    sections = out.split("\n\n")
+    rows = [line.split() for line in sections[0].splitlines() if line.startswith("stage-")]
+    assert [(r[0], r[1], r[2], r[-1]) for r in rows] == [("stage-01-block02", "B2+ends", "r=0.200", "done"),
+                                                         ("stage-02-block01", "B1", "r=1.000", "done")]
+    levels = [line.split() for line in sections[1].splitlines()[2:]]
+    # level, r_k, CE at commit, path now, drift, whole stack, "blocks", k..L
+    assert [(r[0], r[1], r[-1]) for r in levels] == [("1", "1.000", "1..2"), ("2", "0.200", "2..2")]
+    assert float(levels[0][2]) == float(rows[1][5]) and float(levels[1][2]) == float(rows[0][5])
+    assert float(levels[0][3]) == float(levels[0][5])  # level 1's path is the whole stack
+    memory = [line.split() for line in sections[2].splitlines() if line.startswith("stage-")]
+    assert [m[0] for m in memory] == ["stage-01-block02", "stage-02-block01"]
     # Columns from the right: B/param, adapters, peak (number + unit), peak kind.
-    assert memory[0][-5] == "0.000" and float(memory[1][-5]) > 0  # stage L has no 4-bit suffix yet
-    assert rows[0][1] == "0.200" and rows[1][1] == "1.000"
-    assert "complete" in lines[-1]
+    assert memory[0][-5] == "0.000" and float(memory[1][-5]) > 0  # stage 1 has no frozen 4-bit block yet
+    assert "complete" in out.splitlines()[-1]
 
 
 def test_resume_between_stages_equals_an_uninterrupted_run(tmp_path, corpus_file):
     full, split = tmp_path / "full", tmp_path / "split"
     sets = tiny_overrides(corpus_file, blocks=3)
     assert run_cli("train", "configs/tiny.yaml", "--out", full, *sets) == 0
-    assert run_cli("train", "configs/tiny.yaml", "--out", split, "--stop-after", 3, *sets) == 0
-    assert sorted(list_stages(split)) == [3]
+    assert run_cli("train", "configs/tiny.yaml", "--out", split, "--stop-after", "block03", *sets) == 0
+    assert sorted(list_stages(split)) == [1]
     assert run_cli("train", "configs/tiny.yaml", "--out", split, "--resume", *sets) == 0
     a, b = list_stages(full), list_stages(split)
     assert sorted(a) == sorted(b) == [1, 2, 3]
@@ -66,9 +71,10 @@ def test_existing_out_is_not_touched_without_resume_or_overwrite(tmp_path, corpu
 def test_resume_refuses_changed_architecture(tmp_path, corpus_file, capsys):
     run = tmp_path / "run"
     sets = tiny_overrides(corpus_file, blocks=2)
-    assert run_cli("train", "configs/tiny.yaml", "--out", run, "--stop-after", 2, *sets) == 0
+    assert run_cli("train", "configs/tiny.yaml", "--out", run, "--stop-after", 1, *sets) == 0
     capsys.readouterr()
     for change, key in [("model.hidden_size=64", "model.hidden_size"), ("schedule.r_min=0.1", "schedule.r_min"),
+                        ("curriculum.kind=left_to_right", "curriculum.kind"),
                         ("quant.quant_type=fp4", "quant.quant_type"), ("lora.rank=4", "lora.rank"),
                         ("lora.targets=[q_proj]", "lora.targets")]:
         assert run_cli("train", "configs/tiny.yaml", "--out", run, "--resume", *sets, "--set", change) == 2

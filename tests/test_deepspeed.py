@@ -98,7 +98,7 @@ def test_two_ranks_match_one_rank(tmp_path, corpus, zero, accumulate):
     one = off + (["--set", "train.micro_batch_size=4"] if accumulate else [])
     launch(grow_args(tmp_path / "one", corpus, ds, one), 1)
     out = launch(grow_args(tmp_path / "two", corpus, ds, off), 2)
-    assert out.count("stage 01 committed") == 1  # rank 0 alone logs and writes
+    assert out.count("stage-02-block01 committed") == 1  # rank 0 alone logs and writes
     (w1, m1), (w2, m2) = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert m2[1]["world_size"] == 2 and m1[1]["world_size"] == 1
     for k in (1, 2):
@@ -115,12 +115,12 @@ def test_zero3_shards_the_4bit_suffix_and_matches_one_rank(tmp_path, corpus):
     launch(grow_args(tmp_path / "one", corpus, ds), 1)
     launch(grow_args(tmp_path / "two", corpus, ds), 2)
     (w1, m1), (w2, m2) = weights(tmp_path / "one"), weights(tmp_path / "two")
-    for name in w1[2]:  # stage L has no 4-bit suffix yet: as tight as above
-        assert_close_weights(w1[2][name], w2[2][name], name)
-    # Stage 1 quantizes block 2 from weights that differ by ~1e-7, which can move a weight to a
+    for name in w1[1]:  # the first stage has no frozen 4-bit block yet: as tight as above
+        assert_close_weights(w1[1][name], w2[1][name], name)
+    # Stage 2 quantizes block 2 from weights that differ by ~1e-7, which can move a weight to a
     # neighbouring NF4 level; the stage's quality must still agree closely.
-    assert m1[1]["heldout_ce"] == pytest.approx(m2[1]["heldout_ce"], rel=0.01)
-    one, two = m1[1]["memory"]["suffix_4bit"], m2[1]["memory"]["suffix_4bit"]
+    assert m1[2]["heldout_ce"] == pytest.approx(m2[2]["heldout_ce"], rel=0.01)
+    one, two = m1[2]["memory"]["frozen_4bit"], m2[2]["memory"]["frozen_4bit"]
     assert one["params"] == two["params"] > 0
     # ZeRO-3 partitions the packed 4-bit weights (two weights per byte) over the ranks, so rank 0
     # holds half of them; the quantization state is not a parameter and stays whole on every rank.
@@ -135,7 +135,7 @@ def test_preempted_deepspeed_stage_resumes_with_the_same_losses(tmp_path, corpus
     launch(grow_args(tmp_path / "ref", corpus, ds, extra), 1)
     run = tmp_path / "run"
     proc = launch(grow_args(run, corpus, ds, extra), 1, wait=False)
-    root = run / "checkpoints" / "stage-02"
+    root = run / "checkpoints" / "stage-01-block02"
     deadline = time.time() + 300
     while time.time() < deadline and not list(root.glob("step-*")) and proc.poll() is None:
         time.sleep(0.05)
@@ -151,6 +151,26 @@ def test_preempted_deepspeed_stage_resumes_with_the_same_losses(tmp_path, corpus
         assert m[k]["losses"] == mr[k]["losses"], k
         for name in wr[k]:
             assert torch.equal(wr[k][name], w[k][name]), (k, name)
+
+
+def test_two_ranks_grow_left_to_right_with_per_row_levels_like_one_rank(tmp_path, corpus):
+    """A non-default curriculum under DeepSpeed: left to right, time as input, so every row
+    of a batch has its own noise level. The loss is a mean over rows, so one rank accumulating
+    two half batches and two ranks taking one each compute the same step."""
+    ds = ds_json(tmp_path, 2)
+    curriculum = ["--set", "curriculum.kind=left_to_right", "--set", "curriculum.time=input",
+                  "--set", "quant.enabled=false"]
+    launch(grow_args(tmp_path / "one", corpus, ds, [*curriculum, "--set", "train.micro_batch_size=4"]), 1)
+    out = launch(grow_args(tmp_path / "two", corpus, ds, curriculum), 2)
+    assert out.count("stage-02-block02 committed") == 1
+    (w1, m1), (w2, m2) = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in (1, 2):
+        assert m1[k]["stage"]["noise"] == {"lo": 0.0, "hi": 1.0} and m2[k]["world_size"] == 2
+        assert m1[k]["losses"][0] == m2[k]["losses"][0]  # the same rows at the same levels, before any update
+        assert m1[k]["losses"] == pytest.approx(m2[k]["losses"], abs=1e-5)
+        for name in w1[k]:
+            assert_close_weights(w1[k][name], w2[k][name], name)
+    assert m1[2]["stage"]["train"] == [2] and "model.layers.0.mlp.up_proj.weight" not in w1[2]  # block 1 frozen
 
 
 @pytest.mark.parametrize(

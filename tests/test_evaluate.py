@@ -36,14 +36,14 @@ def test_elbo_of_a_uniform_model_is_log_V(tokenizer):
     with torch.no_grad():
         model.lm_head.weight.zero_()  # logits 0 everywhere: the uniform distribution
     V = model.config.vocab_size
-    elbo = mdlm_elbo(model, heldout_ids(V), mask_token_id=tokenizer.mask_token_id, seed=0, batch_size=8,
-                     batches=3)
+    elbo = mdlm_elbo(lambda x, t: model(x), heldout_ids(V), mask_token_id=tokenizer.mask_token_id, seed=0,
+                     batch_size=8, batches=3)
     assert abs(elbo.nats_per_token - math.log(V)) < 1e-5
     assert abs(elbo.bits_per_token - math.log2(V)) < 1e-5
     assert elbo.perplexity_bound == pytest.approx(V, rel=1e-4)
     assert elbo.sequences == 24 and elbo.tokens == 24 * 32
     # the literal 1/t-weighted Bernoulli estimator has the same expectation, more variance
-    bern = mdlm_elbo(model, heldout_ids(V, rows=256), mask_token_id=tokenizer.mask_token_id, seed=0,
+    bern = mdlm_elbo(lambda x, t: model(x), heldout_ids(V, rows=256), mask_token_id=tokenizer.mask_token_id, seed=0,
                      batch_size=64, batches=4, masking="bernoulli")
     assert bern.nats_per_token == pytest.approx(math.log(V), rel=0.15)
 
@@ -52,14 +52,15 @@ def test_elbo_is_zero_for_an_oracle_and_deterministic_per_seed(tokenizer, model)
     ids = heldout_ids(len(tokenizer))
     V = model.config.vocab_size
 
-    def oracle(x):  # sees through the masks: perfect predictions
+    def oracle(x, t):  # sees through the masks: perfect predictions
         return torch.nn.functional.one_hot(ids[: x.shape[0]], V).float() * 100
 
     assert mdlm_elbo(oracle, ids, mask_token_id=2, seed=0, batch_size=24, batches=1).nats_per_token < 1e-6
     kw = dict(mask_token_id=tokenizer.mask_token_id, batch_size=8, batches=3)
-    a, b = mdlm_elbo(model, ids, seed=1, **kw), mdlm_elbo(model, ids, seed=1, **kw)
+    fn = lambda x, t: model(x)  # noqa: E731
+    a, b = mdlm_elbo(fn, ids, seed=1, **kw), mdlm_elbo(fn, ids, seed=1, **kw)
     assert a.nats_per_token == b.nats_per_token
-    assert mdlm_elbo(model, ids, seed=2, **kw).nats_per_token != a.nats_per_token
+    assert mdlm_elbo(fn, ids, seed=2, **kw).nats_per_token != a.nats_per_token
 
 
 # --------------------------------------------------------------------------- statistics
@@ -86,21 +87,23 @@ def test_parse_ratios():
 # --------------------------------------------------------------------------- a whole report
 
 
-def test_report_curves_per_stage(tokenizer, model, tmp_path):
+def test_report_per_level_path_and_whole_stack(tokenizer, model, tmp_path):
     ratios = linear_ratios(3)
-    loaded = Loaded(model, tokenizer, ratios, "export", tmp_path)
+    loaded = Loaded(model, tokenizer, ratios, "export", tmp_path, paths={k: (k, 3) for k in (1, 2, 3)})
     ids = heldout_ids(len(tokenizer))
     report = evaluate_denoiser(loaded, ids, grid=[0.2, 1.0], batches=2, batch_size=8, samples=2, steps=8,
                                sample_length=16)
-    assert sorted(report["stages"]) == ["1", "2", "3"]
     kw = dict(mask_token_id=tokenizer.mask_token_id, seed=0, batch_size=8, batches=2)
-    for k in (1, 2, 3):
-        stage = report["stages"][str(k)]
-        assert stage["ratio"] == ratios[k - 1]
-        assert stage["ce"] == pytest.approx(heldout_ce(lambda x: model(x, start=k), ids, ratios[k - 1], **kw))
-    # stage 1's sub-network is the full stack
-    assert report["stages"]["1"]["grid"] == report["full_stack"]["grid"]
-    assert [e["ratio"] for e in report["full_stack"]["schedule"]] == ratios
+    assert [(e["level"], e["ratio"], e["path_blocks"]) for e in report["levels"]] == [
+        (1, ratios[0], [1, 3]), (2, ratios[1], [2, 3]), (3, ratios[2], [3, 3])]
+    for e in report["levels"]:
+        k, r = e["level"], e["ratio"]
+        assert e["path"] == pytest.approx(heldout_ce(lambda x, t: model(x, start=k), ids, r, **kw))
+        assert e["whole"] == pytest.approx(heldout_ce(lambda x, t: model(x), ids, r, **kw))
+        assert "commit" not in e  # an export has no manifests
+    # level 1's path is the whole stack, so it has no curve of its own
+    assert sorted(report["grid"]) == ["2", "3", "whole"]
+    assert report["levels"][0]["path"] == report["levels"][0]["whole"]
     for mode in ("depth", "suffix", "iterative", "semi-ar"):
         s = report["samples"][mode]
         assert s["tokens_per_s"] > 0 and len(s["texts"]) == 2 and 0 < s["distinct_1"] <= 1
@@ -129,10 +132,12 @@ def test_cli_eval_on_a_run_reproduces_the_manifests(run_and_corpus, tmp_path, ca
                  "--json", str(out), "--plot", str(png)]) == 0
     report = json.loads(out.read_text())
     assert png.read_bytes()[:4] == b"\x89PNG"
-    for k in ("1", "2"):
-        manifest = json.loads((run / f"stage-{int(k):02d}" / "manifest.json").read_text())
-        assert report["stages"][k]["ce"] == pytest.approx(manifest["heldout_ce"], rel=1e-5)
-        assert [g["ratio"] for g in report["stages"][k]["grid"]] == [0.2, 0.6, 1.0]
+    for entry, stage in zip(report["levels"], ("stage-02-block01", "stage-01-block02")):
+        manifest = json.loads((run / stage / "manifest.json").read_text())
+        # no 4-bit suffix and no adapters: nothing drifts after commit
+        assert entry["commit"] == manifest["heldout_ce"] and entry["commit_stage"] == stage
+        assert entry["path"] == pytest.approx(manifest["heldout_ce"], rel=1e-5) and abs(entry["drift"]) < 1e-5
+    assert [g["ratio"] for g in report["grid"]["whole"]] == [0.2, 0.6, 1.0]
     assert report["elbo"]["bits_per_token"] > 0 and set(report["samples"]) == {"depth", "suffix", "iterative",
                                                                               "semi-ar"}
     assert "MDLM bound" in capsys.readouterr().out

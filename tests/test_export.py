@@ -50,7 +50,7 @@ def grown(run):
     """(config, model, tokenizer) of the run as training left it, and its held-out split."""
     from grow.data import load_corpus
 
-    cfg, model, tokenizer = load_run(run, require_complete=True)
+    cfg, model, tokenizer, _ = load_run(run, require_complete=True)
     corpus = load_corpus(cfg.data, run / "tokenizer", cfg.train.seed, log=lambda s: None)
     return cfg, model, tokenizer, corpus.heldout
 
@@ -118,16 +118,21 @@ def test_grow_json_and_model_card(exported, run, grown):
     cfg = grown[0]
     meta = json.loads((exported / "grow.json").read_text())
     stages = list_stages(run)
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == 2
     assert meta["schedule"] == cfg.ratios()
+    assert meta["curriculum"] == {"kind": "right_to_left", "time": "depth", "final_steps": 0}
+    assert meta["paths"] == {"1": [1, 3], "2": [2, 3], "3": [3, 3]}
     assert meta["sampling"] == {"mode": "depth", "steps": 64, "temperature": 0.0}
     assert meta["merge_into"] == "dequantized" and meta["dtype"] == "fp32"
     assert meta["merge"] == {"adapter_blocks": [2, 3], "dequantized_blocks": [2, 3]}
-    assert [s["block"] for s in meta["stages"]] == [1, 2, 3]
-    for s in meta["stages"]:
-        m = stages[s["block"]].manifest
-        assert (s["ratio"], s["steps"], s["tokens_seen"], s["heldout_ce"]) == (
-            m["ratio"], m["steps"], m["tokens_seen"], m["heldout_ce"])
+    assert [s["stage"] for s in meta["stages"]] == ["stage-01-block03", "stage-02-block02", "stage-03-block01"]
+    for i, s in enumerate(meta["stages"], start=1):
+        m = stages[i].manifest
+        assert (s["noise"], s["steps"], s["tokens_seen"], s["heldout_ce"]) == (
+            m["stage"]["noise"], m["steps"], m["tokens_seen"], m["heldout_ce"])
+    last = stages[3].manifest["levels"]
+    assert [(e["level"], e["whole"], e["path"]) for e in meta["levels"]] == [
+        (k, last["whole"][str(k)], last["path"][str(k)]) for k in (1, 2, 3)]
     assert meta["command"] == (f"grow export {run} --out {exported} --dtype fp32 --merge-into dequantized "
                                "--max-shard-size 2GB")
     assert set(meta["versions"]) >= {"grow", "torch", "transformers"}
@@ -139,7 +144,9 @@ def test_grow_json_and_model_card(exported, run, grown):
                                      "tags": ["diffusion", "masked-diffusion", "grow"]}
     assert meta["command"] in body and "AutoModelForMaskedLM.from_pretrained" in body and "grow sample" in body
     for s in meta["stages"]:
-        assert f"| {s['block']} | {s['ratio']:.3f} |" in body and f"{s['heldout_ce']:.4f}" in body
+        assert f"| {s['stage']} |" in body and f"{s['heldout_ce']:.4f} |" in body
+    for e in meta["levels"]:  # the whole-stack figures a downloader gets
+        assert f"| {e['level']} | {e['ratio']:.3f} | {e['whole']:.4f} | {e['path']:.4f} |" in body
     assert "dequantized" in body
 
 
@@ -159,21 +166,21 @@ def test_dequantized_export_computes_what_training_computed(exported, grown):
             assert diff <= 1e-4, (ratio, diff)
     kw = dict(mask_token_id=mask_id, seed=cfg.train.seed, batch_size=4, batches=2)
     for ratio in cfg.ratios():
-        ours = heldout_ce(lambda x: model(x), heldout, ratio, **kw)
-        theirs = heldout_ce(lambda x: hf(input_ids=x).logits, heldout, ratio, **kw)
+        ours = heldout_ce(lambda x, t: model(x), heldout, ratio, **kw)
+        theirs = heldout_ce(lambda x, t: hf(input_ids=x).logits, heldout, ratio, **kw)
         assert abs(ours - theirs) <= 1e-4
 
 
 def test_merged_weights_are_base_plus_adapter_delta_from_the_peft_files(exported, exported_original, run):
-    """Independent of grow's merge: W + (B @ A) * alpha / r from stage-01's peft files."""
+    """Independent of grow's merge: W + (B @ A) * alpha / r from the last stage's peft files."""
     import bitsandbytes.functional as F
 
-    stage1 = list_stages(run)[1].path
+    stage1 = list_stages(run)[3].path
     adapters = load_file(stage1 / "adapter_model.safetensors")
     adapter_config = json.loads((stage1 / "adapter_config.json").read_text())
     scale = adapter_config["lora_alpha"] / adapter_config["r"]
     deq, orig = load_weights_any(exported), load_weights_any(exported_original)
-    stored = {k: load_weights(list_stages(run)[k].path) for k in (1, 2, 3)}
+    stored = {k: load_weights(list_stages(run)[4 - k].path) for k in (1, 2, 3)}  # stage 4-k trained block k
     nonzero = 0
     for k in (2, 3):
         for name in BLOCK_LINEARS:
@@ -271,10 +278,10 @@ def test_overwrite_replaces_only_after_the_new_export_is_complete(run, tmp_path,
 
 def test_incomplete_run_is_refused(run, tmp_path, capsys):
     partial = tmp_path / "partial"
-    shutil.copytree(run, partial, ignore=shutil.ignore_patterns("stage-01"))
+    shutil.copytree(run, partial, ignore=shutil.ignore_patterns("stage-03-*"))
     assert run_cli("export", partial, "--out", tmp_path / "out") == 2
     line = one_error_line(capsys.readouterr().err)
-    assert line.startswith("grow: error: RUN:") and "block 2" in line
+    assert line.startswith("grow: error: RUN:") and "2 of 3 stages" in line
     assert not (tmp_path / "out").exists()
 
 

@@ -21,17 +21,17 @@ def test_bf16_growth_on_cuda_with_4bit_suffix_then_export(tmp_path, corpus_file)
     assert main(["train", "configs/tiny.yaml", "--out", str(run), *sets]) == 0
     stages = list_stages(run, verify=True)
     assert sorted(stages) == [1, 2, 3]
-    for k in (1, 2):
+    for k in (2, 3):
         memory = stages[k].manifest["memory"]
         assert memory["peak_kind"] == "cuda_max_allocated" and memory["peak_bytes"] > 0
-        assert memory["suffix_4bit"]["params"] > 0
+        assert memory["frozen_4bit"]["params"] > 0
     assert main(["export", str(run), "--out", str(out), "--dtype", "fp32"]) == 0
 
     from transformers import AutoModelForMaskedLM
 
     from grow.stages import load_run
 
-    _, model, _ = load_run(run, "cuda")
+    _, model, _, _ = load_run(run, "cuda")
     hf = AutoModelForMaskedLM.from_pretrained(out).cuda().eval()
     ids = torch.randint(3, 300, (2, 32), device="cuda")
     with torch.no_grad():

@@ -104,7 +104,7 @@ def test_suffix_checkpointing_keeps_activation_memory_flat_in_depth():
             _folded_block(model, k).requires_grad_(False)
         trained = model.new_block(1)
         model.prepend_block(trained)
-        model.checkpoint_from = 2 if checkpoint else None
+        model.checkpoint_blocks = frozenset(range(2, model.num_blocks + 1)) if checkpoint else frozenset()
         total = 0
 
         def pack(t):
@@ -128,13 +128,13 @@ def test_stage_adapters_are_saved_in_peft_format_and_load_with_peft(tmp_path, co
     from safetensors.torch import load_file
     from transformers import EuroBertForMaskedLM
 
-    from grow.stages import build_model
+    from grow.assemble import build_model
     from grow.store import list_stages
 
     cfg = tiny_config(corpus_file, blocks=2)
     run = tmp_path / "run"
     corpus = grow_in_process(run, cfg)
-    stage = list_stages(run, verify=True)[1]
+    stage = list_stages(run, verify=True)[2]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(stage.manifest["files"])
     stored = load_file(stage.path / "adapter_model.safetensors")
     assert stored and all(k.startswith("base_model.model.model.layers.1.") for k in stored)
@@ -148,7 +148,8 @@ def test_stage_adapters_are_saved_in_peft_format_and_load_with_peft(tmp_path, co
 
 
 def test_4bit_suffix_with_adapters_keeps_heldout_ce_within_3_percent_of_full_precision(tmp_path, corpus_file):
-    """The same stage 1 after the same stage 2, with block 2 frozen in NF4 or in fp32 (adapters on both).
+    """The same stage 2 (block 1) after the same stage 1 (block 2), with block 2 frozen in NF4 or
+    in fp32 (adapters on both).
 
     Tolerance: NF4 moves each frozen weight by ~9 % of its size (RMS), but block 2 enters the
     residual stream through pre-norm branches scaled by gamma, and the adapters absorb part of
@@ -166,15 +167,15 @@ def test_4bit_suffix_with_adapters_keeps_heldout_ce_within_3_percent_of_full_pre
     base.mkdir()
     cfg = tiny_config(corpus_file, blocks=2, extra=extra)
     corpus = load_corpus(cfg.data, base / "tokenizer", 0, log=lambda s: None)
-    grow_run(cfg, base, corpus, log=lambda s: None, stop_after=2)
+    grow_run(cfg, base, corpus, log=lambda s: None, stop_after="1")
     ce = {}
     for quant in (True, False):
         run = tmp_path / f"quant-{quant}"
         shutil.copytree(base, run)
         cfg = tiny_config(corpus_file, blocks=2, extra=[*extra, f"quant.enabled={str(quant).lower()}"])
         grow_run(cfg, run, corpus, log=lambda s: None)
-        stage = list_stages(run, verify=True)[1]
-        assert (stage.manifest["memory"]["suffix_4bit"]["params"] > 0) == quant
+        stage = list_stages(run, verify=True)[2]
+        assert (stage.manifest["memory"]["frozen_4bit"]["params"] > 0) == quant
         ce[quant] = stage.manifest["heldout_ce"]
     assert ce[True] != ce[False]  # the 4-bit suffix really is a different network
     assert abs(ce[True] - ce[False]) / ce[False] < 0.03, ce

@@ -21,7 +21,7 @@ from grow.data import train_tokenizer
 from grow.errors import UserError
 from grow.inference import load_denoiser
 from grow.model import GrowModel, hf_config
-from grow.stages import special_ids
+from grow.assemble import special_ids
 
 MAX_POS = 64
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -53,13 +53,15 @@ def make_export(model: GrowModel, tokenizer, directory, ratios=None):
     """The export layout: a stock EuroBertForMaskedLM directory + tokenizer + grow.json."""
     hf = EuroBertForMaskedLM(model.config)
     state = dict(model.ends_state_dict())
-    for k in range(model.first_block, model.num_blocks + 1):
+    for k in range(model.first_block, model.last_block + 1):
         state.update(model.block_state_dict(k))
     hf.load_state_dict(state, strict=True)
     hf.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     if ratios is not None:
-        (directory / "grow.json").write_text(json.dumps({"schedule": list(ratios)}))
+        paths = {str(k): [k, len(ratios)] for k in range(1, len(ratios) + 1)}  # grown right to left
+        (directory / "grow.json").write_text(json.dumps({"format_version": 2, "schedule": list(ratios),
+                                                         "paths": paths}))
     return directory
 
 
@@ -338,7 +340,7 @@ def test_loader_errors(tmp_path, cli_run, model, tokenizer, capsys):
 def test_partially_grown_run_loads_its_suffix_and_says_so(cli_run, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(cli_run, partial)
-    shutil.rmtree(partial / "stage-01")
+    shutil.rmtree(partial / "stage-02-block01")
     lines = []
     loaded = load_denoiser(partial, log=lines.append)
     assert loaded.model.first_block == 2 and not loaded.complete

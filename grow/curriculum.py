@@ -1,0 +1,207 @@
+"""Curricula: the stages of a run, computed from its config (design card sections 1, 4, 10).
+
+A curriculum is a pure function ``GrowConfig -> list[StageSpec]``. A ``StageSpec`` says
+everything the rest of grow needs to know about one stage: which blocks exist (the path the
+corrupted input takes: it enters at ``first`` and the shared head reads after ``last``), which
+of them train in full precision, which stay frozen (4-bit + LoRA per the quant/lora sections)
+and whose adapters train, whether the embedding, final norm and head train, and the noise the
+stage draws its levels from. The stage runner, the store, resume, ``--from-stage``, DeepSpeed,
+the planner and ``grow status`` read specs and nothing else, so a new curriculum is a new
+function here and an entry in ``CURRICULA``.
+
+    right_to_left  stage i trains block k = L+1-i at r_k with blocks k+1..L frozen (card 4.1);
+                   with time: input each block sees a band of t around r_k (card 4.3)
+    left_to_right  stage k appends block k after blocks 1..k-1 (frozen or not), ends anchored
+                   or not, optional periodic joint fine-tunes (card 4.2); with time: depth the
+                   network 1..k learns level r_k (the card's rare hybrid)
+    joint          one stage, every block and the ends train at once, t ~ U(0, 1): the baseline
+
+A final whole-stack stage (``curriculum.final_steps``) may follow any of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from grow.config import GrowConfig
+
+
+@dataclass(frozen=True)
+class Noise:
+    """The noise levels a stage draws from: one level (lo == hi) or t ~ U(lo, hi) per row."""
+
+    lo: float
+    hi: float
+
+    @property
+    def fixed(self) -> bool:
+        return self.lo == self.hi
+
+    def describe(self) -> str:
+        return f"r={self.lo:.3f}" if self.fixed else f"t~U({self.lo:.3f},{self.hi:.3f})"
+
+    @property
+    def representative(self) -> float:
+        """The level a stage's own held-out CE is reported at (the middle of a band)."""
+        return (self.lo + self.hi) / 2
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of a run, in run order. Blocks are 1-based ids, block k <-> level r_k."""
+
+    index: int
+    """Position in the run (1 = first); names the stage directory."""
+    label: str
+    """Short name for directories and logs: block06, joint, whole, ..."""
+    first: int
+    """Leftmost block of the stage's network; the corrupted input enters here."""
+    last: int
+    """Rightmost block; the shared head reads after it."""
+    train: tuple[int, ...]
+    """Blocks trained in full precision (created fresh when nothing is stored for them)."""
+    adapters: tuple[int, ...]
+    """Frozen blocks whose LoRA adapters train."""
+    trains_ends: bool
+    """Embedding, final norm and head train (else frozen: the anchor)."""
+    noise: Noise
+    steps: int
+    level: int | None = None
+    """The schedule level k this stage is tied to (time as depth and bands), if any."""
+    consistency_level: float | None = None
+    """Right to left with time as depth: r_{k+1}, the level the suffix's own input was at."""
+
+    @property
+    def name(self) -> str:
+        return f"stage-{self.index:02d}-{self.label}"
+
+    @property
+    def blocks(self) -> range:
+        return range(self.first, self.last + 1)
+
+    @property
+    def frozen(self) -> tuple[int, ...]:
+        return tuple(k for k in self.blocks if k not in self.train)
+
+    def describe(self) -> str:
+        trains = ", ".join(f"B{k}" for k in self.train) + (" + ends" if self.trains_ends else "")
+        frozen = f"; frozen B{self.frozen[0]}..B{self.frozen[-1]}" if self.frozen else ""
+        return f"{self.name}: blocks {self.first}..{self.last}, trains {trains}{frozen}, {self.noise.describe()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _adapters(frozen: list[int], near: int, window: int | None, enabled: bool) -> tuple[int, ...]:
+    """The frozen blocks within ``window`` of block ``near`` (all of them when None)."""
+    if not enabled:
+        return ()
+    return tuple(k for k in frozen if window is None or abs(k - near) <= window)
+
+
+def _total_steps(cfg: GrowConfig) -> int:
+    steps = cfg.train.steps
+    return sum(steps) if isinstance(steps, list) else steps
+
+
+def band(ratios: list[float], k: int, factor: float) -> Noise:
+    """Levels around r_k for right-to-left with time as input: midpoints to the neighbours."""
+    r = ratios[k - 1]
+    above = ratios[k - 2] if k > 1 else min(1.0, r + (r - ratios[k]) if len(ratios) > 1 else 1.0)
+    below = ratios[k] if k < len(ratios) else max(0.0, r - (ratios[k - 2] - r) if len(ratios) > 1 else 0.0)
+    hi = min(1.0, r + factor * (above - r) / 2)
+    lo = max(1e-3, r - factor * (r - below) / 2)
+    return Noise(round(lo, 6), round(hi, 6))
+
+
+def right_to_left(cfg: GrowConfig) -> list[StageSpec]:
+    """Stage i trains block L+1-i; its suffix is frozen; stage 1 also trains the ends."""
+    r, L, c = cfg.ratios(), cfg.model.num_blocks, cfg.curriculum
+    specs = []
+    for i, k in enumerate(range(L, 0, -1), start=1):
+        depth = c.time == "depth"
+        noise = Noise(r[k - 1], r[k - 1]) if depth else band(r, k, c.band)
+        specs.append(StageSpec(
+            index=i, label=f"block{k:02d}", first=k, last=L, train=(k,),
+            adapters=_adapters(list(range(k + 1, L + 1)), k, cfg.lora.blocks, cfg.lora.enabled),
+            trains_ends=k == L, noise=noise, steps=cfg.steps_for(k), level=k,
+            consistency_level=r[k] if depth and k < L else None,
+        ))
+    return specs
+
+
+def left_to_right(cfg: GrowConfig) -> list[StageSpec]:
+    """Stage k appends block k; blocks 1..k-1 frozen or trainable; optional joint fine-tunes."""
+    r, L, c = cfg.ratios(), cfg.model.num_blocks, cfg.curriculum
+    specs: list[StageSpec] = []
+    for k in range(1, L + 1):
+        depth = c.time == "depth"
+        noise = Noise(r[k - 1], r[k - 1]) if depth else Noise(0.0, 1.0)
+        train = (k,) if c.freeze_earlier else tuple(range(1, k + 1))
+        frozen = [j for j in range(1, k + 1) if j not in train]
+        specs.append(StageSpec(
+            index=len(specs) + 1, label=f"block{k:02d}", first=1, last=k, train=train,
+            adapters=_adapters(frozen, k, cfg.lora.blocks, cfg.lora.enabled),
+            trains_ends=k == 1 or not c.anchor_ends, noise=noise, steps=cfg.steps_for(k),
+            level=k if depth else None,
+        ))
+        if c.joint_every and k % c.joint_every == 0 and k > 1:
+            specs.append(StageSpec(
+                index=len(specs) + 1, label=f"joint{k:02d}", first=1, last=k, train=tuple(range(1, k + 1)),
+                adapters=(), trains_ends=not c.anchor_ends, noise=noise, steps=c.joint_steps,
+                level=k if depth else None,
+            ))
+    return specs
+
+
+def joint(cfg: GrowConfig) -> list[StageSpec]:
+    """Every block and the ends at once on t ~ U(0, 1), for the whole token budget."""
+    L = cfg.model.num_blocks
+    return [StageSpec(index=1, label="joint", first=1, last=L, train=tuple(range(1, L + 1)), adapters=(),
+                      trains_ends=True, noise=Noise(0.0, 1.0), steps=_total_steps(cfg))]
+
+
+CURRICULA = {"right_to_left": right_to_left, "left_to_right": left_to_right, "joint": joint}
+
+
+def stage_specs(cfg: GrowConfig) -> list[StageSpec]:
+    """Every stage of the run, in the order they run."""
+    specs = CURRICULA[cfg.curriculum.kind](cfg)
+    if cfg.curriculum.final_steps:
+        specs.append(final_stage(cfg, len(specs) + 1))
+    return specs
+
+
+def final_stage(cfg: GrowConfig, index: int) -> StageSpec:
+    """The whole stack on t ~ U(0, 1): every block frozen in 4-bit with trainable adapters
+    (QLoRA over the whole model), so its cost is a QLoRA pass and the export merges it."""
+    L = cfg.model.num_blocks
+    return StageSpec(index=index, label="whole", first=1, last=L, train=(), adapters=tuple(range(1, L + 1)),
+                     trains_ends=False, noise=Noise(0.0, 1.0), steps=cfg.curriculum.final_steps)
+
+
+def level_paths(cfg: GrowConfig) -> dict[int, tuple[int, int]] | None:
+    """For a depth-tied model, the blocks that serve schedule level k: {k: (first, last)}.
+
+    Right to left: blocks k..L (what stage k trained); left to right with time as depth:
+    blocks 1..k. None for a model that only runs as a whole stack (joint, time as input
+    grown left to right): the samplers that step through levels do not apply to it.
+    """
+    L, c = cfg.model.num_blocks, cfg.curriculum
+    if c.kind == "right_to_left":
+        return {k: (k, L) for k in range(1, L + 1)}
+    if c.kind == "left_to_right" and c.time == "depth":
+        return {k: (1, k) for k in range(1, L + 1)}
+    return None
+
+
+def find_stage(specs: list[StageSpec], text: str, flag: str) -> StageSpec:
+    """The stage a user names on the command line: its index (3), label (block04) or name."""
+    from grow.errors import UserError
+
+    for spec in specs:
+        if text in (str(spec.index), spec.label, spec.name):
+            return spec
+    names = ", ".join(f"{s.index}={s.label}" for s in specs)
+    raise UserError(f"{flag}: no stage {text!r} in this run; expected an index or label of: {names}")
