@@ -101,6 +101,7 @@ from __future__ import annotations
 import json
 import math
 import textwrap
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -405,6 +406,34 @@ def masked_positions(ratio: float, seq_len: int) -> int:
 # --------------------------------------------------------------------------- the plan
 
 
+@dataclass(frozen=True, slots=True)
+class StageWork:
+    """What one stage trains and what it runs frozen: all the planner reads about a stage.
+
+    The per-stage arithmetic (``_Setup.stage``) depends on nothing else, so any order of
+    stages can be planned by passing its list of these to ``plan``; ``right_to_left`` is the
+    growth of grow.stages.
+    """
+
+    block: int
+    """The block the stage trains (in full precision, with its stability parametrizations)."""
+    ratio: float
+    """Mask ratio the stage trains at; the head runs on ceil(ratio*T) positions per sequence."""
+    steps: int
+    """Optimizer steps of the stage."""
+    trains_ends: bool
+    """The embedding, final norm and head train too (else they are frozen in quant.ends_dtype)."""
+    frozen_blocks: int
+    """Frozen blocks in the stage's forward pass: NF4 (quant.enabled) with one adapter each
+    (lora.enabled), the lora.blocks nearest the trained block trainable."""
+
+
+def right_to_left(cfg: GrowConfig) -> list[StageWork]:
+    """The stages of the growth in the order they run: block L (with the ends), then L-1, ..., 1."""
+    ratios, L = cfg.ratios(), cfg.model.num_blocks
+    return [StageWork(k, ratios[k - 1], cfg.steps_for(k), k == L, L - k) for k in range(L, 0, -1)]
+
+
 @dataclass(slots=True)
 class StagePlan:
     """One stage (or a comparison setup): per-GPU bytes, FLOPs and tokens."""
@@ -492,6 +521,18 @@ class Plan:
         return max(self.stages, key=lambda s: s.total)
 
     @property
+    def fits(self) -> bool:
+        """Every stage fits in one GPU's memory."""
+        return all(s.fits for s in self.stages)
+
+    @property
+    def accumulation(self) -> int | None:
+        """Gradient accumulation steps that make train.batch_size; None when micro-batch x GPUs does not divide it."""
+        per_step = self.micro_batch * self.par.gpus
+        batch = self.cfg.train.batch_size
+        return batch // per_step if batch % per_step == 0 else None
+
+    @property
     def total_tokens(self) -> int:
         return sum(s.tokens for s in self.stages)
 
@@ -522,14 +563,14 @@ class Plan:
                 "zero_stage": self.par.zero_stage, "offload_optimizer": self.par.offload_optimizer,
                 "offload_param": self.par.offload_param, "half_precision_weights": self.par.half,
                 "precision": self.cfg.train.precision, "micro_batch": self.micro_batch, "seq_len": self.seq_len,
-                "batch_size": self.cfg.train.batch_size, "grad_ckpt": self.grad_ckpt,
+                "batch_size": self.cfg.train.batch_size, "accumulation": self.accumulation, "grad_ckpt": self.grad_ckpt,
                 "quant": self.cfg.quant.enabled, "lora": self.cfg.lora.enabled,
                 "throughput_tflops": self.throughput,
             },
             "assumptions": self.assumptions,
             "stages": [s.to_dict() for s in self.stages],
             "peak": {"block": peak.block, "total": peak.total, "fits": peak.fits},
-            "fits": all(s.fits for s in self.stages),
+            "fits": self.fits,
             "totals": {
                 "tokens": self.total_tokens, "flops": self.total_flops,
                 "seconds": self.seconds(self.total_flops),
@@ -554,8 +595,14 @@ def plan(
     seq_len: int | None = None,
     grad_ckpt: bool | None = None,
     throughput: float | None = None,
+    work: list[StageWork] | None = None,
 ) -> Plan:
-    """Plan every stage of ``cfg`` on ``gpus`` GPUs of ``gpu_memory`` bytes (see module doc)."""
+    """Plan every stage of ``cfg`` on ``gpus`` GPUs of ``gpu_memory`` bytes (see module doc).
+
+    ``micro_batch`` defaults to train.micro_batch_size, else the DeepSpeed JSON's
+    train_micro_batch_size_per_gpu, else train.batch_size / gpus (what ``grow train`` runs).
+    ``work`` lists the stages in run order (default: ``right_to_left(cfg)``).
+    """
     if gpus <= 0:
         raise UserError(f"--gpus: expected a positive number of GPUs, got {gpus}")
     if gpu_memory <= 0:
@@ -572,11 +619,16 @@ def plan(
     vocab = plan_vocab(cfg)
     T = seq_len or cfg.data.seq_len
     if micro_batch is None:
-        micro_batch = par.micro_batch or _ceil_div(cfg.train.batch_size, gpus)
+        ours = cfg.train.micro_batch_size
+        if ours is not None and par.micro_batch is not None and ours != par.micro_batch:
+            # grow train refuses the same disagreement (grow.ds.resolve_config).
+            raise UserError(f"--deepspeed: train_micro_batch_size_per_gpu={par.micro_batch} conflicts with "
+                            f"train.micro_batch_size={ours}; make them equal or write \"auto\"")
+        micro_batch = ours or par.micro_batch or _ceil_div(cfg.train.batch_size, gpus)
     ckpt = cfg.train.checkpoint_suffix if grad_ckpt is None else grad_ckpt
     setup = _Setup(cfg, vocab, par, gpu_memory, micro_batch, T, ckpt)
     ratios = cfg.ratios()
-    stages = [setup.stage(k, ratios[k - 1], cfg.steps_for(k)) for k in range(cfg.model.num_blocks, 0, -1)]
+    stages = [setup.stage(w) for w in (right_to_left(cfg) if work is None else work)]
     return Plan(
         cfg=cfg, vocab=vocab, par=par, gpu_memory=gpu_memory, micro_batch=micro_batch, seq_len=T,
         grad_ckpt=ckpt, throughput=throughput, stages=stages, full=setup.full(ratios), qlora=setup.qlora(ratios),
@@ -690,11 +742,11 @@ class _Setup:
         ckpt = tokens * (len(per_block) * h * self.a + max(per_block) - h * self.a) + casts
         return full, ckpt
 
-    def stage(self, k: int, ratio: float, steps: int) -> StagePlan:
+    def stage(self, work: StageWork) -> StagePlan:
+        """Per-GPU bytes and FLOPs of one stage: the one place the per-stage arithmetic lives."""
         cfg, m = self.cfg, self.cfg.model
-        L, s = m.num_blocks, m.num_blocks - k
+        k, ratio, steps, s, trains_ends = work.block, work.ratio, work.steps, work.frozen_blocks, work.trains_ends
         lora, tokens = cfg.lora, self.B * self.T
-        trains_ends = k == L
         P_b = block_params(m)
         # The trained block: its states, plus spectral-norm/gain buffers replicated beside them.
         block_state = trainable_states(P_b, BLOCK_TENSORS, self.par)
@@ -790,6 +842,126 @@ class _Setup:
         )
 
 
+# --------------------------------------------------------------------------- what fits
+
+# What `grow plan --fit` tries, one at a time, when not even micro-batch 1 fits. The DeepSpeed
+# settings are those of the shipped ds_configs/ files it names.
+ZERO3 = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}
+ZERO2_OFFLOAD = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "bf16": {"enabled": "auto"}}
+ZERO3_OFFLOAD = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                       "offload_param": {"device": "cpu"}}, "bf16": {"enabled": "auto"}}
+MAX_GPUS = 1024
+
+
+@dataclass(slots=True)
+class Fit:
+    """The answer of ``grow plan --fit``: the micro-batch to run, or why none fits."""
+
+    micro_batch: int | None
+    """Largest micro-batch per GPU that fits at every stage and divides train.batch_size / GPUs."""
+    accumulation: int | None
+    """Gradient accumulation steps that keep train.batch_size with that micro-batch."""
+    largest: int
+    """Largest micro-batch per GPU that fits at every stage, divisor or not (0: not even 1)."""
+    plan: Plan
+    """The plan at ``micro_batch`` (at micro-batch 1 when nothing fits)."""
+    helps: list[str] = field(default_factory=list)
+    """When nothing fits: each single change that makes micro-batch 1 fit (checked, not guessed)."""
+
+    def summary(self) -> str:
+        """One line: the micro-batch and accumulation to set, or what nothing fitting needs."""
+        p, batch = self.plan, self.plan.cfg.train.batch_size
+        gpus = f"{p.par.gpus} GPU{'s' if p.par.gpus > 1 else ''}"
+        if self.micro_batch is None:
+            peak = p.peak
+            text = (f"fit: nothing fits even at micro-batch 1 on {gpus} of {_bytes(p.gpu_memory)}: stage "
+                    f"{peak.block} needs {_bytes(peak.total)} per GPU")
+            if self.helps:
+                return text + "; it would fit with " + ", or ".join(self.helps)
+            return (text + f"; neither train.checkpoint_suffix, ZeRO-3, optimizer offload nor up to {MAX_GPUS} "
+                    "GPUs under ZeRO-3 makes it fit: shorten data.seq_len or use GPUs with more memory")
+        text = (f"fit: micro-batch {self.micro_batch} per GPU x {gpus} x gradient accumulation {self.accumulation} "
+                f"= train.batch_size {batch}; every stage fits (peak: stage {p.peak.block} at "
+                f"{_bytes(p.peak.total)} of {_bytes(p.gpu_memory)}); set train.micro_batch_size={self.micro_batch}")
+        if self.largest > self.micro_batch:
+            text += (f" (micro-batch {self.largest} fits too, but does not divide the {batch // p.par.gpus} "
+                     "sequences per GPU)")
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"micro_batch": self.micro_batch, "accumulation": self.accumulation, "largest": self.largest,
+                "fits": self.micro_batch is not None, "helps": self.helps, "summary": self.summary()}
+
+
+def fit(
+    cfg: GrowConfig,
+    *,
+    gpus: int = 1,
+    gpu_memory: int = 80 * 2**30,
+    deepspeed: dict[str, Any] | None = None,
+    seq_len: int | None = None,
+    grad_ckpt: bool | None = None,
+    throughput: float | None = None,
+    work: list[StageWork] | None = None,
+) -> Fit:
+    """The largest micro-batch per GPU at which every stage fits, and the accumulation that keeps
+    train.batch_size (the global batch); or, when not even micro-batch 1 fits, the single changes
+    (suffix checkpointing, ZeRO-3, offload, more GPUs) that would make it fit.
+
+    Memory grows with the micro-batch at every stage, so a bisection over 1..batch/gpus finds
+    the largest that fits; the micro-batch chosen is its largest divisor of batch/gpus.
+    """
+    batch = cfg.train.batch_size
+    if gpus > 0 and batch % gpus:
+        raise UserError(f"--gpus: train.batch_size={batch} is not divisible by {gpus} GPUs; "
+                        "each GPU takes an equal share of the global batch")
+
+    def at(micro: int, **change: Any) -> Plan:
+        kwargs = dict(gpus=gpus, gpu_memory=gpu_memory, deepspeed=deepspeed, seq_len=seq_len,
+                      grad_ckpt=grad_ckpt, throughput=throughput, work=work)
+        return plan(cfg, micro_batch=micro, **(kwargs | change))
+
+    one = at(1)
+    if not one.fits:
+        return Fit(None, None, 0, one, _what_would_fit(one, at))
+    per_gpu = batch // gpus
+    lo, hi = 1, per_gpu  # lo fits; find the largest that does
+    if at(hi).fits:
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if at(mid).fits:
+            lo = mid
+        else:
+            hi = mid
+    micro = max(d for d in range(1, lo + 1) if per_gpu % d == 0)
+    return Fit(micro, per_gpu // micro, lo, at(micro))
+
+
+def _what_would_fit(one: Plan, at: Callable[..., Plan]) -> list[str]:
+    """The single changes that make micro-batch 1 fit, each checked with the planner."""
+    par, batch, helps = one.par, one.cfg.train.batch_size, []
+    if not one.grad_ckpt and at(1, grad_ckpt=True).fits:
+        helps.append("train.checkpoint_suffix=true")
+    if par.zero_stage < 3 and par.gpus > 1 and at(1, deepspeed=ZERO3).fits:
+        helps.append("ZeRO-3 (--deepspeed ds_configs/zero3.json)")
+    if not par.offload_optimizer:
+        if par.zero_stage < 3 and at(1, deepspeed=ZERO2_OFFLOAD).fits:
+            helps.append("the optimizer offloaded to the host (--deepspeed ds_configs/zero2_offload.json)")
+        elif par.zero_stage == 3 and at(1, deepspeed=ZERO3_OFFLOAD).fits:
+            helps.append("ZeRO-3 with zero_optimization.offload_optimizer and offload_param on cpu")
+    ds = ZERO3 if par.zero_stage < 3 else None  # None: keep the user's own ZeRO-3 JSON
+    n = par.gpus * 2
+    while n <= MAX_GPUS:
+        if batch % n == 0:
+            more = at(1, gpus=n, **({"deepspeed": ds} if ds else {}))
+            if more.fits:
+                helps.append(f"--gpus {n} under ZeRO-3" + (" (--deepspeed ds_configs/zero3.json)" if ds else ""))
+                break
+        n *= 2
+    return helps
+
+
 # --------------------------------------------------------------------------- rendering
 
 
@@ -841,6 +1013,13 @@ def _suffix_text(cfg: GrowConfig) -> str:
     return text + f"; LoRA r={lora.rank} on {', '.join(lora.targets)}, trainable on {where}"
 
 
+def _batch_text(p: Plan) -> str:
+    batch = p.cfg.train.batch_size
+    if p.accumulation is None:
+        return f"micro-batch x {p.par.gpus} GPU(s) does not divide train.batch_size {batch}"
+    return f"x {p.par.gpus} GPU(s) x {p.accumulation} accumulation steps = train.batch_size {batch}"
+
+
 def render(p: Plan) -> str:
     """The human-readable plan: header, one row per stage, peak, totals and the comparison."""
     cfg, m = p.cfg, p.cfg.model
@@ -852,7 +1031,7 @@ def render(p: Plan) -> str:
         f"  shape: hidden {m.hidden_size}, heads {m.num_heads} (kv {m.num_kv_heads}, head_dim {m.head_dim}), "
         f"intermediate {m.intermediate_size}, vocab {p.vocab}",
         f"  setup: {p.par.describe()}, {_bytes(p.gpu_memory)} each; precision {cfg.train.precision}; "
-        f"micro-batch {p.micro_batch} x seq {p.seq_len} per GPU (batch {cfg.train.batch_size})",
+        f"micro-batch {p.micro_batch} x seq {p.seq_len} per GPU ({_batch_text(p)})",
         f"  suffix: {_suffix_text(cfg)}; gradient checkpointing of the suffix: {'on' if p.grad_ckpt else 'off'}",
         "  assumptions:",
         *(textwrap.fill(note, width=110, initial_indent="    - ", subsequent_indent="      ")
@@ -874,7 +1053,7 @@ def render(p: Plan) -> str:
     lines += [
         "",
         f"peak: stage {peak.block} at {_bytes(peak.total)} of {_bytes(p.gpu_memory)} -- "
-        + ("every stage fits" if all(s.fits for s in p.stages)
+        + ("every stage fits" if p.fits
            else f"{sum(not s.fits for s in p.stages)} of {len(p.stages)} stages do NOT fit"),
     ]
     host = max(s.host for s in p.stages)
@@ -899,7 +1078,7 @@ def render(p: Plan) -> str:
         )
     lines.append(
         f"  {'grow (this plan)':<20} peak {_bytes(peak.total)}, fits: "
-        f"{'yes' if all(s.fits for s in p.stages) else 'NO'}; "
+        f"{'yes' if p.fits else 'NO'}; "
         f"{p.total_flops / max(1, p.total_tokens) / 1e9:.3g} GFLOP/tok on average"
         + (f", {_duration(seconds)}" if seconds else "")
     )

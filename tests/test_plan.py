@@ -21,6 +21,7 @@ from grow.config import LoraConfig, QuantConfig, StabilityConfig, load_config
 from grow.model import GrowModel, add_stability, hf_config
 from grow.plan import (
     Parallel,
+    StageWork,
     adamw_state_bytes,
     block_forward_flops,
     block_linears,
@@ -30,9 +31,12 @@ from grow.plan import (
     lora_params,
     lora_tensors,
     nf4_linear_bytes,
+    fit,
     parse_deepspeed,
     plan,
+    read_deepspeed,
     render,
+    right_to_left,
     rope_bytes,
     trainable_states,
     trained_block_bytes,
@@ -351,7 +355,7 @@ def test_cli_table_has_a_row_per_stage_and_the_peak(capsys):
 def test_llama2_70b_on_8_gpus_with_zero3_plans_in_seconds(tmp_path, capsys):
     ds = tmp_path / "zero3.json"
     ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3},
-                              "train_micro_batch_size_per_gpu": 1}))
+                              "train_micro_batch_size_per_gpu": 2}))
     start = time.perf_counter()
     assert run("configs/llama2-70b.yaml", "--gpus", 8, "--deepspeed", ds, "--json", "--throughput", 400) == 0
     assert time.perf_counter() - start < 10
@@ -394,6 +398,109 @@ def test_shipped_shapes(name, shape):
         assert cfg.train.checkpoint_suffix
 
 
+# --------------------------------------------------------------------------- what fits
+
+
+def test_fit_is_the_largest_micro_batch_that_fits_and_divides_the_batch_per_gpu():
+    cfg = medium(["train.batch_size=24", "train.precision=bf16"])
+    # A budget between the plans at micro-batch 5 and 6: 5 fits, 4 is the largest divisor of 24/2 = 12.
+    budget = (plan(cfg, gpus=2, micro_batch=5).peak.total + plan(cfg, gpus=2, micro_batch=6).peak.total) // 2
+    found = fit(cfg, gpus=2, gpu_memory=budget)
+    assert (found.largest, found.micro_batch, found.accumulation) == (5, 4, 3)
+    assert found.plan.micro_batch == 4 and found.plan.fits and found.plan.accumulation == 3
+    assert not plan(cfg, gpus=2, gpu_memory=budget, micro_batch=6).fits
+    assert found.summary().startswith("fit: micro-batch 4 per GPU x 2 GPUs x gradient accumulation 3 "
+                                      "= train.batch_size 24; every stage fits")
+    assert "micro-batch 5 fits too, but does not divide the 12 sequences per GPU" in found.summary()
+    # All of it fits: the whole share of the batch on each GPU, no accumulation.
+    assert fit(cfg, gpus=2, gpu_memory=2**40).micro_batch == 12
+
+
+def test_when_nothing_fits_fit_names_the_changes_that_would_each_checked():
+    cfg = load_config("configs/llama2-70b.yaml")
+    found = fit(cfg, gpus=1, gpu_memory=24 * 2**30)
+    assert found.micro_batch is None and found.largest == 0 and found.plan.micro_batch == 1
+    assert found.summary() == ("fit: nothing fits even at micro-batch 1 on 1 GPU of 24 GiB: stage 1 needs 59.6 GiB "
+                               "per GPU; it would fit with --gpus 8 under ZeRO-3 (--deepspeed ds_configs/zero3.json)")
+    zero3 = read_deepspeed("ds_configs/zero3.json")
+    assert plan(cfg, gpus=8, gpu_memory=24 * 2**30, deepspeed=zero3, micro_batch=1).fits
+    assert not plan(cfg, gpus=4, gpu_memory=24 * 2**30, deepspeed=zero3, micro_batch=1).fits
+
+
+def test_fit_suggests_suffix_checkpointing_and_offload_where_they_suffice():
+    cfg = medium(["train.precision=bf16", "train.checkpoint_suffix=false"])
+    plain, ckpt = plan(cfg, micro_batch=1), plan(cfg, micro_batch=1, grad_ckpt=True)
+    assert ckpt.peak.total < plain.peak.total
+    found = fit(cfg, gpu_memory=(plain.peak.total + ckpt.peak.total) // 2)
+    assert found.micro_batch is None and "train.checkpoint_suffix=true" in found.helps
+    hopeless = fit(cfg, gpu_memory=2**20)
+    assert hopeless.helps == [] and hopeless.summary().endswith("shorten data.seq_len or use GPUs with more memory")
+
+
+def test_fit_on_the_70b_shape_and_one_80gib_gpu_prints_a_micro_batch_and_every_stage_fits(capsys):
+    assert run("configs/llama2-70b.yaml", "--gpus", 1, "--gpu-memory", "80GiB", "--fit") == 0
+    out = capsys.readouterr().out
+    assert "-- every stage fits" in out
+    assert out.rstrip().splitlines()[-1].startswith(
+        "fit: micro-batch 2 per GPU x 1 GPU x gradient accumulation 256 = train.batch_size 512; every stage fits")
+    assert run("configs/llama2-70b.yaml", "--gpus", 1, "--gpu-memory", "80GiB", "--fit", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fit"]["micro_batch"] == data["setup"]["micro_batch"] == 2 and data["fits"]
+    assert data["fit"]["accumulation"] == data["setup"]["accumulation"] == 256
+
+
+def test_the_readme_quickstart_plan_fits(capsys):
+    line = next(line for line in Path("README.md").read_text().splitlines()
+                if line.startswith("grow plan configs/llama2-70b.yaml"))
+    assert run(*line.split()[2:]) == 0
+    assert "-- every stage fits" in capsys.readouterr().out
+
+
+# What the README and the configs' comments name for each shipped shape: it must fit as shipped.
+NAMED_SETUPS = [
+    ("125m", 1, "24GiB", None), ("1b", 1, "24GiB", None), ("1b", 8, "80GiB", "ds_configs/zero3.json"),
+    ("llama2-7b", 1, "80GiB", None), ("llama2-7b", 8, "80GiB", "ds_configs/zero2.json"),
+    ("llama2-70b", 1, "80GiB", None), ("llama2-70b", 8, "80GiB", "ds_configs/zero3.json"),
+]
+
+
+@pytest.mark.parametrize("shape, gpus, memory, ds", NAMED_SETUPS, ids=lambda v: str(v))
+def test_shipped_configs_fit_the_setups_named_for_them_out_of_the_box(shape, gpus, memory, ds):
+    from grow.units import parse_bytes
+
+    cfg = load_config(f"configs/{shape}.yaml")
+    p = plan(cfg, gpus=gpus, gpu_memory=parse_bytes(memory), deepspeed=read_deepspeed(ds) if ds else None)
+    assert p.fits and p.accumulation is not None
+    assert p.micro_batch == (cfg.train.micro_batch_size or cfg.train.batch_size // gpus)
+
+
+def test_readme_and_docs_hold_the_table_bench_plan_table_prints():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_table", "bench/plan_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.table()
+    assert table in Path("README.md").read_text()
+    assert table in Path("docs/plan.md").read_text()
+
+
+def test_each_stage_is_planned_from_its_stage_work_alone():
+    """Planning the same stages in another order gives the same rows: nothing but StageWork matters."""
+    cfg = medium()
+    work = right_to_left(cfg)
+    assert [(w.block, w.trains_ends, w.frozen_blocks) for w in work] == [(4, True, 0), (3, False, 1), (2, False, 2),
+                                                                         (1, False, 3)]
+    forward, backward = plan(cfg, work=work), plan(cfg, work=work[::-1])
+    assert [s.to_dict() for s in forward.stages] == [s.to_dict() for s in backward.stages[::-1]]
+    # The block id only names the stage: stage L's work under another id costs the same.
+    import dataclasses
+
+    renamed = plan(cfg, work=[dataclasses.replace(work[0], block=2)]).stages[0]
+    assert renamed.block == 2 and isinstance(work[0], StageWork)
+    assert renamed.to_dict() | {"name": "", "block": 0} == forward.stages[0].to_dict() | {"name": "", "block": 0}
+
+
 def bad_shape(tmp_path, model: str) -> Path:
     path = tmp_path / "bad.yaml"
     path.write_text(f"model: {{{model}}}\n")
@@ -418,6 +525,10 @@ def bad_shape(tmp_path, model: str) -> Path:
         (lambda tmp: ["configs/tiny.yaml", "--micro-batch", "0"], "--micro-batch"),
         (lambda tmp: ["configs/tiny.yaml", "--seq-len", "4096"], "--seq-len"),
         (lambda tmp: ["configs/tiny.yaml", "--throughput", "-1"], "--throughput"),
+        (lambda tmp: ["configs/tiny.yaml", "--fit", "--micro-batch", "2"], "--micro-batch"),
+        (lambda tmp: ["configs/llama2-70b.yaml", "--fit", "--gpus", "3"], "--gpus"),
+        (lambda tmp: ["configs/llama2-70b.yaml", "--deepspeed",
+                      write(tmp / "m1.json", '{"train_micro_batch_size_per_gpu": 1}')], "train.micro_batch_size"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, make_args, flag):
