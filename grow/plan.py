@@ -91,6 +91,12 @@ FLOPs per token (of the T tokens in a sequence):
                          + s*(F + F_a) recomputation when the suffix is checkpointed
     wall time            sum over stages of steps_k * batch_size * T * FLOPs_k / (N * throughput)
 
+What fits (``fit``, ``grow plan --fit``): every term above is non-decreasing in B, so a bisection
+over B = 1..batch_size/N finds the largest micro-batch at which every stage fits; the answer is its
+largest divisor of batch_size/N, with accumulation batch_size/(B*N). When B = 1 does not fit,
+each single change (suffix checkpointing, ZeRO-3, offload, more GPUs under ZeRO-3) is planned
+and named if it fits.
+
 Comparison rows use the same formulas: full joint training (every block and the ends
 trainable in the training dtype, activations of L trained blocks, logits at r_1, the peak),
 and QLoRA everywhere (all L blocks NF4 with trainable adapters, ends frozen).
