@@ -143,12 +143,9 @@ def _of_block(peft_key: str, block_id: int) -> bool:
 
 def _freeze(model: GrowModel, spec: StageSpec, cfg: GrowConfig, device: torch.device,
             adapters: dict[str, torch.Tensor], training: bool) -> None:
-    """Trainable flags per ``spec``; frozen blocks into 4-bit with their adapters."""
-    model.requires_grad_(False)
+    """Frozen blocks into 4-bit with their adapters; then trainable flags per ``spec``."""
     if not spec.trains_ends:
         cast_ends(model, cfg.quant)
-    elif training:
-        model.freeze_ends(False)
     for k in spec.frozen:
         if cfg.quant.enabled:
             quantize_block(model.block(k), cfg.quant, device)
@@ -156,8 +153,12 @@ def _freeze(model: GrowModel, spec: StageSpec, cfg: GrowConfig, device: torch.de
             add_adapter(model, k, cfg.lora)
     if adapters and cfg.lora.enabled:
         load_adapter_state(model, {n: v.to(device) for n, v in adapters.items()})
+    # After the adapters: peft marks everything but adapters untrainable when it injects one.
+    model.requires_grad_(False)
     if not training:
         return
+    if spec.trains_ends:
+        model.freeze_ends(False)
     for k in spec.train:
         for module in model.block_modules(k):
             module.requires_grad_(True)

@@ -262,7 +262,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     import json
 
     from grow.config import load_config
-    from grow.plan import plan, read_deepspeed, render
+    from grow.plan import fit, plan, read_deepspeed, render
     from grow.units import parse_bytes
 
     cfg = load_config(args.config)
@@ -272,13 +272,22 @@ def cmd_plan(args: argparse.Namespace) -> None:
         raise UserError(f"--gpu-memory: {exc}") from None
     if args.grad_ckpt not in (None, "on", "off"):
         raise UserError(f"--grad-ckpt: expected on or off, got {args.grad_ckpt!r}")
-    result = plan(
-        cfg, gpus=args.gpus, gpu_memory=gpu_memory,
-        deepspeed=read_deepspeed(args.deepspeed) if args.deepspeed else None,
-        micro_batch=args.micro_batch, seq_len=args.seq_len,
-        grad_ckpt=None if args.grad_ckpt is None else args.grad_ckpt == "on", throughput=args.throughput,
+    options = dict(
+        gpus=args.gpus, gpu_memory=gpu_memory, deepspeed=read_deepspeed(args.deepspeed) if args.deepspeed else None,
+        seq_len=args.seq_len, grad_ckpt=None if args.grad_ckpt is None else args.grad_ckpt == "on",
+        throughput=args.throughput,
     )
-    print(json.dumps(result.to_dict(), indent=2) if args.json else render(result))
+    if not args.fit:
+        result = plan(cfg, micro_batch=args.micro_batch, **options)
+        print(json.dumps(result.to_dict(), indent=2) if args.json else render(result))
+        return
+    if args.micro_batch is not None:
+        raise UserError("--micro-batch: --fit chooses the micro-batch; pass one or the other")
+    found = fit(cfg, **options)
+    if args.json:
+        print(json.dumps(found.plan.to_dict() | {"fit": found.to_dict()}, indent=2))
+    else:
+        print(render(found.plan) + "\n\n" + found.summary())
 
 
 # ------------------------------------------------------------------------ sample
@@ -448,12 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", default="80GiB", metavar="SIZE", help="memory per GPU (default 80GiB)")
     p.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config: ZeRO stage, offload, bf16 "
                    "(default: plain PyTorch, nothing partitioned)")
-    p.add_argument("--micro-batch", type=int, metavar="B", help="sequences per GPU per forward (default: the "
-                   "JSON's train_micro_batch_size_per_gpu, else train.batch_size / N)")
+    p.add_argument("--micro-batch", type=int, metavar="B", help="sequences per GPU per forward (default: "
+                   "train.micro_batch_size, else the JSON's train_micro_batch_size_per_gpu, else train.batch_size / N)")
     p.add_argument("--seq-len", type=int, metavar="T", help="tokens per sequence (default data.seq_len)")
     p.add_argument("--grad-ckpt", metavar="on|off", help="checkpoint the frozen suffix (default "
                    "train.checkpoint_suffix)")
     p.add_argument("--throughput", type=float, metavar="TFLOPS", help="sustained TFLOPS per GPU, for a wall time")
+    p.add_argument("--fit", action="store_true", help="find the largest micro-batch per GPU at which every stage "
+                   "fits and the gradient accumulation that keeps train.batch_size, and plan at it; or say why "
+                   "nothing fits and what would")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     p = sub.add_parser("sample", help="generate text from a run or an exported model",

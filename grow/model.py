@@ -157,11 +157,11 @@ class TimeEmbedding(nn.Module):
         super().__init__()
         self.proj = nn.Linear(TIME_FEATURES, hidden_size, bias=False)
         nn.init.zeros_(self.proj.weight)
-        freqs = torch.exp(-math.log(1000.0) * torch.arange(TIME_FEATURES // 2) / (TIME_FEATURES // 2))
-        self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        angles = 1000.0 * t.float().unsqueeze(-1) * self.freqs.to(t.device)
+        half = TIME_FEATURES // 2
+        freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=t.device) / half)
+        angles = 1000.0 * t.float().unsqueeze(-1) * freqs
         return self.proj(torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.proj.weight.dtype))
 
 

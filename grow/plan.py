@@ -32,8 +32,8 @@ n = in*out weights and blocksize b:
   A frozen suffix block is its seven NF4 linears + its two RMSNorm weights in fp32; with
   quant.enabled false it is 4*P_b (frozen weights stay in the training dtype, fp32).
 
-LoRA (exact): per target linear A (r x in) + B (out x r), fp32. Every suffix block carries
-one adapter; the lora.blocks blocks nearest the trained block (all when null) are trainable.
+LoRA (exact): per target linear A (r x in) + B (out x r), fp32. Every frozen block carries
+one adapter; the stage's spec says which train (the lora.blocks nearest the trained block).
 
 AdamW (exact for torch.optim.AdamW): exp_avg + exp_avg_sq in fp32 = 8 bytes per parameter,
 plus a 4-byte ``step`` tensor per parameter tensor (it lives on the host; counted anyway).
@@ -51,8 +51,8 @@ Model states after ZeRO, per GPU, for a trainable set of n parameters:
     under ZeRO-0/1/2. ZeRO-3 partitions every module parameter, frozen ones included: each
     GPU holds ceil(numel/N) of every packed 4-bit weight, norm, frozen adapter and frozen end
     (measured in tests/test_deepspeed.py); bitsandbytes' quantization state (absmax, code
-    tables) is not a parameter and stays replicated. Stage L trains block L and the ends;
-    later stages train block k + adapters.
+    tables) is not a parameter and stays replicated. What each stage trains comes from its
+    ``StageSpec`` (grow.curriculum): any curriculum is planned by the same arithmetic.
 
 Activations (estimate; per token, in elements of a bytes, assuming fused SDPA/flash
 attention -- no T x T score matrix -- whose log-sum-exp adds 4*n_h bytes per block):
@@ -91,6 +91,12 @@ FLOPs per token (of the T tokens in a sequence):
                          + s*(F + F_a) recomputation when the suffix is checkpointed
     wall time            sum over stages of steps_k * batch_size * T * FLOPs_k / (N * throughput)
 
+What fits (``fit``, ``grow plan --fit``): every term above is non-decreasing in B, so a bisection
+over B = 1..batch_size/N finds the largest micro-batch at which every stage fits; the answer is its
+largest divisor of batch_size/N, with accumulation batch_size/(B*N). When B = 1 does not fit,
+each single change (suffix checkpointing, ZeRO-3, offload, more GPUs under ZeRO-3) is planned
+and named if it fits.
+
 Comparison rows use the same formulas: full joint training (every block and the ends
 trainable in the training dtype, activations of L trained blocks, logits at r_1, the peak),
 and QLoRA everywhere (all L blocks NF4 with trainable adapters, ends frozen).
@@ -101,11 +107,13 @@ from __future__ import annotations
 import json
 import math
 import textwrap
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from grow.config import GrowConfig, LoraConfig, ModelConfig, QuantConfig, StabilityConfig
+from grow.curriculum import StageSpec, stage_specs
 from grow.errors import UserError
 from grow.units import format_bytes
 
@@ -158,6 +166,14 @@ def linear_params(m: ModelConfig) -> int:
 def block_params(m: ModelConfig) -> int:
     """Parameters of one block: seven linears and two RMSNorm weights (no biases)."""
     return linear_params(m) + 2 * m.hidden_size
+
+
+def time_params(cfg: GrowConfig) -> int:
+    """A block's time embedding (curriculum.conditioning: embedding): one linear from the
+    sinusoidal features of t into the residual stream."""
+    from grow.model import TIME_FEATURES
+
+    return TIME_FEATURES * cfg.model.hidden_size if cfg.curriculum.conditioning == "embedding" else 0
 
 
 def ends_params(m: ModelConfig, vocab: int) -> dict[str, int]:
@@ -492,6 +508,18 @@ class Plan:
         return max(self.stages, key=lambda s: s.total)
 
     @property
+    def fits(self) -> bool:
+        """Every stage fits in one GPU's memory."""
+        return all(s.fits for s in self.stages)
+
+    @property
+    def accumulation(self) -> int | None:
+        """Gradient accumulation steps that make train.batch_size; None when micro-batch x GPUs does not divide it."""
+        per_step = self.micro_batch * self.par.gpus
+        batch = self.cfg.train.batch_size
+        return batch // per_step if batch % per_step == 0 else None
+
+    @property
     def total_tokens(self) -> int:
         return sum(s.tokens for s in self.stages)
 
@@ -522,14 +550,14 @@ class Plan:
                 "zero_stage": self.par.zero_stage, "offload_optimizer": self.par.offload_optimizer,
                 "offload_param": self.par.offload_param, "half_precision_weights": self.par.half,
                 "precision": self.cfg.train.precision, "micro_batch": self.micro_batch, "seq_len": self.seq_len,
-                "batch_size": self.cfg.train.batch_size, "grad_ckpt": self.grad_ckpt,
+                "batch_size": self.cfg.train.batch_size, "accumulation": self.accumulation, "grad_ckpt": self.grad_ckpt,
                 "quant": self.cfg.quant.enabled, "lora": self.cfg.lora.enabled,
                 "throughput_tflops": self.throughput,
             },
             "assumptions": self.assumptions,
             "stages": [s.to_dict() for s in self.stages],
-            "peak": {"block": peak.block, "total": peak.total, "fits": peak.fits},
-            "fits": all(s.fits for s in self.stages),
+            "peak": {"stage": peak.name, "block": peak.block, "total": peak.total, "fits": peak.fits},
+            "fits": self.fits,
             "totals": {
                 "tokens": self.total_tokens, "flops": self.total_flops,
                 "seconds": self.seconds(self.total_flops),
@@ -554,8 +582,14 @@ def plan(
     seq_len: int | None = None,
     grad_ckpt: bool | None = None,
     throughput: float | None = None,
+    specs: list[StageSpec] | None = None,
 ) -> Plan:
-    """Plan every stage of ``cfg`` on ``gpus`` GPUs of ``gpu_memory`` bytes (see module doc)."""
+    """Plan every stage of ``cfg`` on ``gpus`` GPUs of ``gpu_memory`` bytes (see module doc).
+
+    ``micro_batch`` defaults to train.micro_batch_size, else the DeepSpeed JSON's
+    train_micro_batch_size_per_gpu, else train.batch_size / gpus (what ``grow train`` runs).
+    ``specs`` lists the stages in run order (default: the config's curriculum, ``stage_specs``).
+    """
     if gpus <= 0:
         raise UserError(f"--gpus: expected a positive number of GPUs, got {gpus}")
     if gpu_memory <= 0:
@@ -572,11 +606,16 @@ def plan(
     vocab = plan_vocab(cfg)
     T = seq_len or cfg.data.seq_len
     if micro_batch is None:
-        micro_batch = par.micro_batch or _ceil_div(cfg.train.batch_size, gpus)
+        ours = cfg.train.micro_batch_size
+        if ours is not None and par.micro_batch is not None and ours != par.micro_batch:
+            # grow train refuses the same disagreement (grow.ds.resolve_config).
+            raise UserError(f"--deepspeed: train_micro_batch_size_per_gpu={par.micro_batch} conflicts with "
+                            f"train.micro_batch_size={ours}; make them equal or write \"auto\"")
+        micro_batch = ours or par.micro_batch or _ceil_div(cfg.train.batch_size, gpus)
     ckpt = cfg.train.checkpoint_suffix if grad_ckpt is None else grad_ckpt
     setup = _Setup(cfg, vocab, par, gpu_memory, micro_batch, T, ckpt)
     ratios = cfg.ratios()
-    stages = [setup.stage(k, ratios[k - 1], cfg.steps_for(k)) for k in range(cfg.model.num_blocks, 0, -1)]
+    stages = [setup.stage(spec) for spec in (stage_specs(cfg) if specs is None else specs)]
     return Plan(
         cfg=cfg, vocab=vocab, par=par, gpu_memory=gpu_memory, micro_batch=micro_batch, seq_len=T,
         grad_ckpt=ckpt, throughput=throughput, stages=stages, full=setup.full(ratios), qlora=setup.qlora(ratios),
@@ -690,53 +729,68 @@ class _Setup:
         ckpt = tokens * (len(per_block) * h * self.a + max(per_block) - h * self.a) + casts
         return full, ckpt
 
-    def stage(self, k: int, ratio: float, steps: int) -> StagePlan:
+    def stage(self, spec: StageSpec) -> StagePlan:
+        """Per-GPU bytes and FLOPs of one stage: the one place the per-stage arithmetic lives.
+
+        Everything comes from the spec (``grow.curriculum``): n blocks trained in full
+        precision, s frozen blocks (NF4 + adapters), the adapters that train, the ends, and the
+        noise (the head's memory at the heaviest level the stage draws, its FLOPs at the mean).
+        Frozen blocks before the first trainable parameter (a frozen prefix grown left to
+        right) keep no activations and need no backward: autograd records nothing there.
+        """
         cfg, m = self.cfg, self.cfg.model
-        L, s = m.num_blocks, m.num_blocks - k
+        n, s, trains_ends = len(spec.train), len(spec.frozen), spec.trains_ends
         lora, tokens = cfg.lora, self.B * self.T
-        trains_ends = k == L
-        P_b = block_params(m)
-        # The trained block: its states, plus spectral-norm/gain buffers replicated beside them.
-        block_state = trainable_states(P_b, BLOCK_TENSORS, self.par)
-        block_state.params += trained_block_bytes(m, cfg.stability) - 4 * P_b
+        P_b, t_b = block_params(m), time_params(cfg)
+        # The trained blocks: their states, plus spectral-norm/gain buffers replicated beside them.
+        block_state = trainable_states(n * (P_b + t_b), n * (BLOCK_TENSORS + (1 if t_b else 0)), self.par)
+        block_state.params += n * (trained_block_bytes(m, cfg.stability) - 4 * P_b)
         e = ends_params(m, self.vocab)
         if trains_ends:
             ends_state = trainable_states(sum(e.values()), 3, self.par)
             ends_state.params += rope_bytes(m)
         else:
             ends_state = States(params=_ceil_div(self._ends_frozen(), self._frozen_shards))
-        suffix = s * frozen_block_bytes(m, cfg.quant, self._frozen_shards)
-        # Adapters: every suffix block has one; the nearest lora.blocks are trainable.
+        # Every block slot owns a time embedding from the start; the untrained ones are frozen fp32.
+        suffix = (s * frozen_block_bytes(m, cfg.quant, self._frozen_shards)
+                  + (m.num_blocks - n) * _ceil_div(4 * t_b, self._frozen_shards))
+        # Adapters: every frozen block has one; the spec's adapters train.
         adapted = s if lora.enabled else 0
-        trainable_adapters = min(adapted, lora.blocks if lora.blocks is not None else adapted)
+        trainable_adapters = len(spec.adapters) if lora.enabled else 0
         frozen_adapters = adapted - trainable_adapters
         n_lora = lora_params(m, lora)
         lora_state = trainable_states(trainable_adapters * n_lora, trainable_adapters * lora_tensors(lora), self.par,
                                       always_fp32=True)
         lora_state.params += frozen_adapters * _ceil_div(4 * n_lora, self._frozen_shards)
+        # Which frozen blocks sit after the first trainable parameter (they carry gradients).
+        grad_from = 0 if trains_ends else min([*spec.train, *(spec.adapters if lora.enabled else ())], default=0)
+        live = [k for k in spec.frozen if k > grad_from]
         # Workspace (estimate).
-        workspace = (self._weight_copies() + self._head_copy(trains_ends) + self._dequant(s)
+        workspace = (n * self._weight_copies() + self._head_copy(trains_ends) + self._dequant(s)
                      + self._gather([P_b] + ([e["embed"], e["head"]] if trains_ends else [])))
         # Activations (estimate).
-        trained = tokens * trained_block_activation_bytes(m, self.a)
-        per_block = [frozen_block_activation_bytes(m, self.a, lora if i < trainable_adapters else None)
-                     for i in range(s)]
+        trained = tokens * n * trained_block_activation_bytes(m, self.a)
+        per_block = [frozen_block_activation_bytes(m, self.a, lora if k in spec.adapters and lora.enabled else None)
+                     for k in live]
         suffix_full, suffix_ckpt = self._suffix_activations(per_block)
         # FLOPs per token.
         F, F_a = block_forward_flops(m, self.T), lora_forward_flops(m, lora)
-        F_h = 2 * m.hidden_size * self.vocab * masked_positions(ratio, self.T) / self.T
-        forward = F + s * F + adapted * F_a + F_h
-        backward = 2 * F + s * F + 2 * trainable_adapters * F_a + frozen_adapters * F_a + (2 if trains_ends else 1) * F_h
-        recompute = (s * F + adapted * F_a) if self.ckpt else 0
-        trainable = P_b + (sum(e.values()) if trains_ends else 0) + trainable_adapters * n_lora
+        F_h = 2 * m.hidden_size * self.vocab * masked_positions(spec.noise.representative, self.T) / self.T
+        adapted_live = len(live) if lora.enabled else 0
+        forward = (n + s) * F + adapted * F_a + F_h
+        backward = (2 * n * F + len(live) * F + 2 * trainable_adapters * F_a
+                    + (adapted_live - trainable_adapters) * F_a + (2 if trains_ends else 1) * F_h)
+        recompute = (len(live) * F + adapted_live * F_a) if self.ckpt else 0
+        trainable = n * (P_b + t_b) + (sum(e.values()) if trains_ends else 0) + trainable_adapters * n_lora
         return StagePlan(
-            name=f"stage {k}", block=k, ratio=ratio, steps=steps,
-            tokens=steps * cfg.train.batch_size * self.T, trainable_params=trainable,
+            name=spec.name, block=spec.train[0] if len(spec.train) == 1 else None, ratio=spec.noise.hi,
+            steps=spec.steps, tokens=spec.steps * cfg.train.batch_size * self.T, trainable_params=trainable,
             block_state=block_state, ends_state=ends_state, suffix=suffix, lora_state=lora_state,
             workspace=workspace, activations=trained + suffix_full, activations_ckpt=trained + suffix_ckpt,
-            logits=self._logits(ratio), grad_ckpt=self.ckpt, flops_per_token=forward + backward + recompute,
+            logits=self._logits(spec.noise.hi), grad_ckpt=self.ckpt, flops_per_token=forward + backward + recompute,
             gpu_memory=self.gpu_memory,
-            extra={"suffix_blocks": s, "adapters": adapted, "trainable_adapters": trainable_adapters},
+            extra={"label": spec.label, "trains": list(spec.train), "frozen_blocks": s, "adapters": adapted,
+                   "trainable_adapters": trainable_adapters},
         )
 
     def full(self, ratios: list[float]) -> StagePlan:
@@ -790,6 +844,126 @@ class _Setup:
         )
 
 
+# --------------------------------------------------------------------------- what fits
+
+# What `grow plan --fit` tries, one at a time, when not even micro-batch 1 fits. The DeepSpeed
+# settings are those of the shipped ds_configs/ files it names.
+ZERO3 = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}
+ZERO2_OFFLOAD = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "bf16": {"enabled": "auto"}}
+ZERO3_OFFLOAD = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                       "offload_param": {"device": "cpu"}}, "bf16": {"enabled": "auto"}}
+MAX_GPUS = 1024
+
+
+@dataclass(slots=True)
+class Fit:
+    """The answer of ``grow plan --fit``: the micro-batch to run, or why none fits."""
+
+    micro_batch: int | None
+    """Largest micro-batch per GPU that fits at every stage and divides train.batch_size / GPUs."""
+    accumulation: int | None
+    """Gradient accumulation steps that keep train.batch_size with that micro-batch."""
+    largest: int
+    """Largest micro-batch per GPU that fits at every stage, divisor or not (0: not even 1)."""
+    plan: Plan
+    """The plan at ``micro_batch`` (at micro-batch 1 when nothing fits)."""
+    helps: list[str] = field(default_factory=list)
+    """When nothing fits: each single change that makes micro-batch 1 fit (checked, not guessed)."""
+
+    def summary(self) -> str:
+        """One line: the micro-batch and accumulation to set, or what nothing fitting needs."""
+        p, batch = self.plan, self.plan.cfg.train.batch_size
+        gpus = f"{p.par.gpus} GPU{'s' if p.par.gpus > 1 else ''}"
+        if self.micro_batch is None:
+            peak = p.peak
+            text = (f"fit: nothing fits even at micro-batch 1 on {gpus} of {_bytes(p.gpu_memory)}: "
+                    f"{peak.name} needs {_bytes(peak.total)} per GPU")
+            if self.helps:
+                return text + "; it would fit with " + ", or ".join(self.helps)
+            return (text + f"; neither train.checkpoint_suffix, ZeRO-3, optimizer offload nor up to {MAX_GPUS} "
+                    "GPUs under ZeRO-3 makes it fit: shorten data.seq_len or use GPUs with more memory")
+        text = (f"fit: micro-batch {self.micro_batch} per GPU x {gpus} x gradient accumulation {self.accumulation} "
+                f"= train.batch_size {batch}; every stage fits (peak: {p.peak.name} at "
+                f"{_bytes(p.peak.total)} of {_bytes(p.gpu_memory)}); set train.micro_batch_size={self.micro_batch}")
+        if self.largest > self.micro_batch:
+            text += (f" (micro-batch {self.largest} fits too, but does not divide the {batch // p.par.gpus} "
+                     "sequences per GPU)")
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"micro_batch": self.micro_batch, "accumulation": self.accumulation, "largest": self.largest,
+                "fits": self.micro_batch is not None, "helps": self.helps, "summary": self.summary()}
+
+
+def fit(
+    cfg: GrowConfig,
+    *,
+    gpus: int = 1,
+    gpu_memory: int = 80 * 2**30,
+    deepspeed: dict[str, Any] | None = None,
+    seq_len: int | None = None,
+    grad_ckpt: bool | None = None,
+    throughput: float | None = None,
+    specs: list[StageSpec] | None = None,
+) -> Fit:
+    """The largest micro-batch per GPU at which every stage fits, and the accumulation that keeps
+    train.batch_size (the global batch); or, when not even micro-batch 1 fits, the single changes
+    (suffix checkpointing, ZeRO-3, offload, more GPUs) that would make it fit.
+
+    Memory grows with the micro-batch at every stage, so a bisection over 1..batch/gpus finds
+    the largest that fits; the micro-batch chosen is its largest divisor of batch/gpus.
+    """
+    batch = cfg.train.batch_size
+    if gpus > 0 and batch % gpus:
+        raise UserError(f"--gpus: train.batch_size={batch} is not divisible by {gpus} GPUs; "
+                        "each GPU takes an equal share of the global batch")
+
+    def at(micro: int, **change: Any) -> Plan:
+        kwargs = dict(gpus=gpus, gpu_memory=gpu_memory, deepspeed=deepspeed, seq_len=seq_len,
+                      grad_ckpt=grad_ckpt, throughput=throughput, specs=specs)
+        return plan(cfg, micro_batch=micro, **(kwargs | change))
+
+    one = at(1)
+    if not one.fits:
+        return Fit(None, None, 0, one, _what_would_fit(one, at))
+    per_gpu = batch // gpus
+    lo, hi = 1, per_gpu  # lo fits; find the largest that does
+    if at(hi).fits:
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if at(mid).fits:
+            lo = mid
+        else:
+            hi = mid
+    micro = max(d for d in range(1, lo + 1) if per_gpu % d == 0)
+    return Fit(micro, per_gpu // micro, lo, at(micro))
+
+
+def _what_would_fit(one: Plan, at: Callable[..., Plan]) -> list[str]:
+    """The single changes that make micro-batch 1 fit, each checked with the planner."""
+    par, batch, helps = one.par, one.cfg.train.batch_size, []
+    if not one.grad_ckpt and at(1, grad_ckpt=True).fits:
+        helps.append("train.checkpoint_suffix=true")
+    if par.zero_stage < 3 and par.gpus > 1 and at(1, deepspeed=ZERO3).fits:
+        helps.append("ZeRO-3 (--deepspeed ds_configs/zero3.json)")
+    if not par.offload_optimizer:
+        if par.zero_stage < 3 and at(1, deepspeed=ZERO2_OFFLOAD).fits:
+            helps.append("the optimizer offloaded to the host (--deepspeed ds_configs/zero2_offload.json)")
+        elif par.zero_stage == 3 and at(1, deepspeed=ZERO3_OFFLOAD).fits:
+            helps.append("ZeRO-3 with zero_optimization.offload_optimizer and offload_param on cpu")
+    ds = ZERO3 if par.zero_stage < 3 else None  # None: keep the user's own ZeRO-3 JSON
+    n = par.gpus * 2
+    while n <= MAX_GPUS:
+        if batch % n == 0:
+            more = at(1, gpus=n, **({"deepspeed": ds} if ds else {}))
+            if more.fits:
+                helps.append(f"--gpus {n} under ZeRO-3" + (" (--deepspeed ds_configs/zero3.json)" if ds else ""))
+                break
+        n *= 2
+    return helps
+
+
 # --------------------------------------------------------------------------- rendering
 
 
@@ -816,7 +990,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-COLUMNS = ("block", "r_k", "trainable", "weights", "grads", "optim", "ends", "suffix", "LoRA", "work",
+COLUMNS = ("stage", "r_max", "trainable", "weights", "grads", "optim", "ends", "suffix", "LoRA", "work",
            "act", "act-ckpt", "logits", "total", "fits", "GFLOP/tok")
 
 
@@ -841,6 +1015,13 @@ def _suffix_text(cfg: GrowConfig) -> str:
     return text + f"; LoRA r={lora.rank} on {', '.join(lora.targets)}, trainable on {where}"
 
 
+def _batch_text(p: Plan) -> str:
+    batch = p.cfg.train.batch_size
+    if p.accumulation is None:
+        return f"micro-batch x {p.par.gpus} GPU(s) does not divide train.batch_size {batch}"
+    return f"x {p.par.gpus} GPU(s) x {p.accumulation} accumulation steps = train.batch_size {batch}"
+
+
 def render(p: Plan) -> str:
     """The human-readable plan: header, one row per stage, peak, totals and the comparison."""
     cfg, m = p.cfg, p.cfg.model
@@ -852,7 +1033,7 @@ def render(p: Plan) -> str:
         f"  shape: hidden {m.hidden_size}, heads {m.num_heads} (kv {m.num_kv_heads}, head_dim {m.head_dim}), "
         f"intermediate {m.intermediate_size}, vocab {p.vocab}",
         f"  setup: {p.par.describe()}, {_bytes(p.gpu_memory)} each; precision {cfg.train.precision}; "
-        f"micro-batch {p.micro_batch} x seq {p.seq_len} per GPU (batch {cfg.train.batch_size})",
+        f"micro-batch {p.micro_batch} x seq {p.seq_len} per GPU ({_batch_text(p)})",
         f"  suffix: {_suffix_text(cfg)}; gradient checkpointing of the suffix: {'on' if p.grad_ckpt else 'off'}",
         "  assumptions:",
         *(textwrap.fill(note, width=110, initial_indent="    - ", subsequent_indent="      ")
@@ -866,15 +1047,15 @@ def render(p: Plan) -> str:
             width=112, initial_indent="  ", subsequent_indent="    "),
         "",
     ]
-    rows = [list(COLUMNS)] + [_row(s, str(s.block)) for s in p.stages]
+    rows = [list(COLUMNS)] + [_row(s, s.name) for s in p.stages]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     for r in rows:
         lines.append("  ".join(c.rjust(w) for c, w in zip(r, widths)))
     peak = p.peak
     lines += [
         "",
-        f"peak: stage {peak.block} at {_bytes(peak.total)} of {_bytes(p.gpu_memory)} -- "
-        + ("every stage fits" if all(s.fits for s in p.stages)
+        f"peak: {peak.name} at {_bytes(peak.total)} of {_bytes(p.gpu_memory)} -- "
+        + ("every stage fits" if p.fits
            else f"{sum(not s.fits for s in p.stages)} of {len(p.stages)} stages do NOT fit"),
     ]
     host = max(s.host for s in p.stages)
@@ -899,7 +1080,7 @@ def render(p: Plan) -> str:
         )
     lines.append(
         f"  {'grow (this plan)':<20} peak {_bytes(peak.total)}, fits: "
-        f"{'yes' if all(s.fits for s in p.stages) else 'NO'}; "
+        f"{'yes' if p.fits else 'NO'}; "
         f"{p.total_flops / max(1, p.total_tokens) / 1e9:.3g} GFLOP/tok on average"
         + (f", {_duration(seconds)}" if seconds else "")
     )

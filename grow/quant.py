@@ -75,6 +75,16 @@ def quantize_block(block: nn.Module, cfg: QuantConfig, device: torch.device) -> 
             linear.in_features, linear.out_features, bias=False, compute_dtype=DTYPES[cfg.compute_dtype],
             compress_statistics=cfg.double_quant, quant_type=cfg.quant_type, device="meta",
         )
+        # One 4-bit CPU path on every machine. On CPUs with AVX512-BF16, bitsandbytes >= 0.49
+        # repacks a layer's weight *in place* into a CPU-only layout the first time it runs in
+        # eval mode without grad (held-out CE, sampling, export checks), with bf16 absmax and
+        # its own kernel. That layout needs out_features % 32 == 0 and in_features % blocksize
+        # == 0 (a width-32 model fails with "shape '[32, 0]' is invalid"), and it changes the
+        # numerics: the same config would give other held-out CE, export logits and stage files
+        # depending on the CPU a run lands on. The path used instead (dequantize, then matmul)
+        # takes every shape. bitsandbytes reads this flag, set in __init__ from has_avx512bf16();
+        # versions without the packed path ignore the attribute.
+        q.support_avx512bf16_for_cpu = False
         q.weight = lib.nn.Params4bit(
             linear.weight.data.detach().to("cpu", torch.float32), requires_grad=False,
             compress_statistics=cfg.double_quant, quant_type=cfg.quant_type, blocksize=cfg.blocksize,

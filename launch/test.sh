@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Set up .venv (with test extras) and run the test suite. Extra arguments go to pytest.
+# Set up .venv (with test extras, at the versions of launch/constraints.txt) and run the test suite.
+# Extra arguments go to pytest.
 set -euo pipefail
 EXTRAS=test
 source "$(dirname "$0")/setup_env.sh"
 # DeepSpeed compiles a small CPU op on first use; keep it cached across test runs.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.cache/torch_extensions}"
-exec .venv/bin/python -m pytest -q "$@"
+exec "$VENV/bin/python" -m pytest -q "$@"

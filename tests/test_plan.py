@@ -30,8 +30,10 @@ from grow.plan import (
     lora_params,
     lora_tensors,
     nf4_linear_bytes,
+    fit,
     parse_deepspeed,
     plan,
+    read_deepspeed,
     render,
     rope_bytes,
     trainable_states,
@@ -344,17 +346,17 @@ def run(*args):
 def test_cli_table_has_a_row_per_stage_and_the_peak(capsys):
     assert run("configs/tiny.yaml", "--gpu-memory", "24GiB") == 0
     out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
-    assert [r[0] for r in rows] == ["6", "5", "4", "3", "2", "1"]
+    rows = [line.split() for line in out.splitlines() if line.startswith("stage-")]
+    assert [r[0] for r in rows] == [f"stage-0{i}-block0{7 - i}" for i in range(1, 7)]
     assert all(r[-2] in ("yes", "NO") for r in rows)
-    assert "peak: stage 1" in out and "full joint training" in out and "QLoRA everywhere" in out
+    assert "peak: stage-06-block01" in out and "full joint training" in out and "QLoRA everywhere" in out
     assert "24 GiB" in out
 
 
 def test_llama2_70b_on_8_gpus_with_zero3_plans_in_seconds(tmp_path, capsys):
     ds = tmp_path / "zero3.json"
     ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3},
-                              "train_micro_batch_size_per_gpu": 1}))
+                              "train_micro_batch_size_per_gpu": 2}))
     start = time.perf_counter()
     assert run("configs/llama2-70b.yaml", "--gpus", 8, "--deepspeed", ds, "--json", "--throughput", 400) == 0
     assert time.perf_counter() - start < 10
@@ -369,7 +371,7 @@ def test_llama2_70b_on_8_gpus_with_zero3_plans_in_seconds(tmp_path, capsys):
 
 def test_render_prints_every_stage_of_a_deep_model():
     text = render(plan(load_config("configs/llama2-70b.yaml"), micro_batch=1))
-    rows = [line for line in text.splitlines() if line.strip() and line.split()[0].isdigit()]
+    rows = [line for line in text.splitlines() if line.startswith("stage-")]
     assert len(rows) == 80
 
 
@@ -397,6 +399,148 @@ def test_shipped_shapes(name, shape):
         assert cfg.train.checkpoint_suffix
 
 
+# --------------------------------------------------------------------------- what fits
+
+
+def test_fit_is_the_largest_micro_batch_that_fits_and_divides_the_batch_per_gpu():
+    cfg = medium(["train.batch_size=24", "train.precision=bf16"])
+    # A budget between the plans at micro-batch 5 and 6: 5 fits, 4 is the largest divisor of 24/2 = 12.
+    budget = (plan(cfg, gpus=2, micro_batch=5).peak.total + plan(cfg, gpus=2, micro_batch=6).peak.total) // 2
+    found = fit(cfg, gpus=2, gpu_memory=budget)
+    assert (found.largest, found.micro_batch, found.accumulation) == (5, 4, 3)
+    assert found.plan.micro_batch == 4 and found.plan.fits and found.plan.accumulation == 3
+    assert not plan(cfg, gpus=2, gpu_memory=budget, micro_batch=6).fits
+    assert found.summary().startswith("fit: micro-batch 4 per GPU x 2 GPUs x gradient accumulation 3 "
+                                      "= train.batch_size 24; every stage fits")
+    assert "micro-batch 5 fits too, but does not divide the 12 sequences per GPU" in found.summary()
+    # All of it fits: the whole share of the batch on each GPU, no accumulation.
+    assert fit(cfg, gpus=2, gpu_memory=2**40).micro_batch == 12
+
+
+def test_when_nothing_fits_fit_names_the_changes_that_would_each_checked():
+    cfg = load_config("configs/llama2-70b.yaml")
+    found = fit(cfg, gpus=1, gpu_memory=24 * 2**30)
+    assert found.micro_batch is None and found.largest == 0 and found.plan.micro_batch == 1
+    assert found.summary() == ("fit: nothing fits even at micro-batch 1 on 1 GPU of 24 GiB: stage-80-block01 needs 59.6 GiB "
+                               "per GPU; it would fit with --gpus 8 under ZeRO-3 (--deepspeed ds_configs/zero3.json)")
+    zero3 = read_deepspeed("ds_configs/zero3.json")
+    assert plan(cfg, gpus=8, gpu_memory=24 * 2**30, deepspeed=zero3, micro_batch=1).fits
+    assert not plan(cfg, gpus=4, gpu_memory=24 * 2**30, deepspeed=zero3, micro_batch=1).fits
+
+
+def test_fit_suggests_suffix_checkpointing_and_offload_where_they_suffice():
+    cfg = medium(["train.precision=bf16", "train.checkpoint_suffix=false"])
+    plain, ckpt = plan(cfg, micro_batch=1), plan(cfg, micro_batch=1, grad_ckpt=True)
+    assert ckpt.peak.total < plain.peak.total
+    found = fit(cfg, gpu_memory=(plain.peak.total + ckpt.peak.total) // 2)
+    assert found.micro_batch is None and "train.checkpoint_suffix=true" in found.helps
+    hopeless = fit(cfg, gpu_memory=2**20)
+    assert hopeless.helps == [] and hopeless.summary().endswith("shorten data.seq_len or use GPUs with more memory")
+
+
+def test_fit_on_the_70b_shape_and_one_80gib_gpu_prints_a_micro_batch_and_every_stage_fits(capsys):
+    assert run("configs/llama2-70b.yaml", "--gpus", 1, "--gpu-memory", "80GiB", "--fit") == 0
+    out = capsys.readouterr().out
+    assert "-- every stage fits" in out
+    assert out.rstrip().splitlines()[-1].startswith(
+        "fit: micro-batch 2 per GPU x 1 GPU x gradient accumulation 256 = train.batch_size 512; every stage fits")
+    assert run("configs/llama2-70b.yaml", "--gpus", 1, "--gpu-memory", "80GiB", "--fit", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fit"]["micro_batch"] == data["setup"]["micro_batch"] == 2 and data["fits"]
+    assert data["fit"]["accumulation"] == data["setup"]["accumulation"] == 256
+
+
+def test_the_readme_quickstart_plan_fits(capsys):
+    line = next(line for line in Path("README.md").read_text().splitlines()
+                if line.startswith("grow plan configs/llama2-70b.yaml"))
+    assert run(*line.split()[2:]) == 0
+    assert "-- every stage fits" in capsys.readouterr().out
+
+
+# What the README and the configs' comments name for each shipped shape: it must fit as shipped.
+NAMED_SETUPS = [
+    ("125m", 1, "24GiB", None), ("1b", 1, "24GiB", None), ("1b", 8, "80GiB", "ds_configs/zero3.json"),
+    ("llama2-7b", 1, "80GiB", None), ("llama2-7b", 8, "80GiB", "ds_configs/zero2.json"),
+    ("llama2-70b", 1, "80GiB", None), ("llama2-70b", 8, "80GiB", "ds_configs/zero3.json"),
+]
+
+
+@pytest.mark.parametrize("shape, gpus, memory, ds", NAMED_SETUPS, ids=lambda v: str(v))
+def test_shipped_configs_fit_the_setups_named_for_them_out_of_the_box(shape, gpus, memory, ds):
+    from grow.units import parse_bytes
+
+    cfg = load_config(f"configs/{shape}.yaml")
+    p = plan(cfg, gpus=gpus, gpu_memory=parse_bytes(memory), deepspeed=read_deepspeed(ds) if ds else None)
+    assert p.fits and p.accumulation is not None
+    assert p.micro_batch == (cfg.train.micro_batch_size or cfg.train.batch_size // gpus)
+
+
+def test_readme_and_docs_hold_the_table_bench_plan_table_prints():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_table", "bench/plan_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.table()
+    assert table in Path("README.md").read_text()
+    assert table in Path("docs/plan.md").read_text()
+
+
+def test_each_stage_is_planned_from_its_spec_alone():
+    """Planning the same stages in another order gives the same rows: nothing but the spec matters."""
+    import dataclasses
+
+    from grow.curriculum import stage_specs
+
+    cfg = medium()
+    specs = stage_specs(cfg)
+    assert [(s.train, s.trains_ends, len(s.frozen)) for s in specs] == [((4,), True, 0), ((3,), False, 1),
+                                                                        ((2,), False, 2), ((1,), False, 3)]
+    forward, backward = plan(cfg, specs=specs), plan(cfg, specs=specs[::-1])
+    assert [s.to_dict() for s in forward.stages] == [s.to_dict() for s in backward.stages[::-1]]
+    # The index and label only name the stage: stage 1's spec under another name costs the same.
+    renamed = plan(cfg, specs=[dataclasses.replace(specs[0], index=9, label="other")]).stages[0]
+    assert renamed.name == "stage-09-other"
+    same = {"name": "", "label": ""}
+    assert renamed.to_dict() | same == forward.stages[0].to_dict() | same
+
+
+CURRICULUM_PLANS = {
+    "right_to_left+bands+embedding+final": ["curriculum.time=input", "curriculum.conditioning=embedding",
+                                            "curriculum.final_steps=2", "lora.blocks=1"],
+    "left_to_right+joint": ["curriculum.kind=left_to_right", "curriculum.joint_every=2", "curriculum.joint_steps=2"],
+    "left_to_right+window": ["curriculum.kind=left_to_right", "lora.blocks=1", "curriculum.anchor_ends=false"],
+    "joint": ["curriculum.kind=joint", "curriculum.time=input"],
+}
+
+
+@pytest.mark.parametrize("name", CURRICULUM_PLANS)
+def test_every_stage_of_every_curriculum_has_exactly_the_planned_model_states(tmp_path, corpus_file, name):
+    """Each stage of a real (tiny, 3-block) run rebuilt as grow.assemble builds it for training,
+    one AdamW step, every byte counted: the plan of that stage says the same."""
+    from conftest import grow_in_process, tiny_config
+    from grow.assemble import RunState, assemble
+    from grow.curriculum import stage_specs
+    from grow.stages import committed
+
+    cfg = tiny_config(corpus_file, blocks=3, steps=2, extra=["quant.ends_dtype=bf16", *CURRICULUM_PLANS[name]])
+    run = tmp_path / "run"
+    corpus = grow_in_process(run, cfg)
+    specs = stage_specs(cfg)
+    stages, _ = committed(run, specs)
+    planned = plan(cfg, micro_batch=1).stages
+    for i, spec in enumerate(specs):
+        torch.manual_seed(0)
+        model = assemble(cfg, corpus.tokenizer, spec, RunState(stages[:i]), "cpu", training=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = adamw_after_one_step(params)
+        grads = sum(nbytes(p.grad) for p in params)
+        p = planned[i]
+        assert p.name == spec.name
+        assert p.trainable_params == sum(q.numel() for q in params), spec.name
+        assert p.model_states == module_bytes(model) + grads + optimizer, spec.name
+
+
 def bad_shape(tmp_path, model: str) -> Path:
     path = tmp_path / "bad.yaml"
     path.write_text(f"model: {{{model}}}\n")
@@ -421,6 +565,10 @@ def bad_shape(tmp_path, model: str) -> Path:
         (lambda tmp: ["configs/tiny.yaml", "--micro-batch", "0"], "--micro-batch"),
         (lambda tmp: ["configs/tiny.yaml", "--seq-len", "4096"], "--seq-len"),
         (lambda tmp: ["configs/tiny.yaml", "--throughput", "-1"], "--throughput"),
+        (lambda tmp: ["configs/tiny.yaml", "--fit", "--micro-batch", "2"], "--micro-batch"),
+        (lambda tmp: ["configs/llama2-70b.yaml", "--fit", "--gpus", "3"], "--gpus"),
+        (lambda tmp: ["configs/llama2-70b.yaml", "--deepspeed",
+                      write(tmp / "m1.json", '{"train_micro_batch_size_per_gpu": 1}')], "train.micro_batch_size"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, make_args, flag):

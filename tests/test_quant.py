@@ -179,3 +179,135 @@ def test_4bit_suffix_with_adapters_keeps_heldout_ce_within_3_percent_of_full_pre
         ce[quant] = stage.manifest["heldout_ce"]
     assert ce[True] != ce[False]  # the 4-bit suffix really is a different network
     assert abs(ce[True] - ce[False]) / ce[False] < 0.03, ce
+
+
+# --------------------------------------------------------------------------- one CPU path on every machine
+#
+# bitsandbytes decides per layer whether a CPU forward in eval mode without grad repacks the
+# weight in place into its AVX512-BF16 layout: ``Linear4bit.__init__`` sets
+# ``support_avx512bf16_for_cpu = has_avx512bf16()``. Forcing that function to return True makes
+# every layer bitsandbytes creates take the packed path, as it would on such a CPU; forcing
+# False is a CPU without the feature. Either way grow must end on its one path.
+
+
+def _cpu_feature(monkeypatch, present: bool) -> None:
+    import bitsandbytes
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: present)
+    assert bitsandbytes.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu is present  # the switch is live
+
+
+def _layer_state(block) -> list[torch.Tensor]:
+    state = []
+    for layer in fourbit_linears(block):
+        qs = layer.weight.quant_state
+        assert not getattr(qs, "packing_format_for_cpu", False)
+        state += [layer.weight.data.clone(), qs.absmax.clone()]
+    return state
+
+
+# Widths and GQA shapes the config accepts, including ones whose linears are no multiple of 32 or
+# of the blocksize (the packed layout needs both): hidden, heads, kv heads, intermediate, blocksize.
+SHAPES = [(32, 4, 2, 64, 64), (48, 4, 1, 128, 64), (96, 4, 2, 256, 64), (136, 4, 1, 368, 64),
+          (136, 2, 1, 100, 128), (30, 3, 1, 70, 4096)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+def test_every_accepted_width_runs_4bit_in_train_and_eval_mode_with_the_packed_path_forced(monkeypatch, shape):
+    from grow.config import LoraConfig
+    from grow.quant import add_adapter
+
+    _cpu_feature(monkeypatch, True)
+    hidden, heads, kv, inter, blocksize = shape
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_blocks=2, hidden_size=hidden, num_heads=heads, num_kv_heads=kv, intermediate_size=inter)
+    model = GrowModel(hf_config(cfg, 64, {"mask": 2, "pad": 0, "eos": 1}))
+    model.init_ends()
+    block = _folded_block(model, 2)
+    quantize_block(block, QuantConfig(blocksize=blocksize), torch.device("cpu"))
+    add_adapter(model, 2, LoraConfig(rank=2))
+    assert [layer.support_avx512bf16_for_cpu for layer in fourbit_linears(block)] == [False] * 7
+    before = _layer_state(block)
+    h = model.embed(torch.randint(0, 64, (2, 8))).detach()
+
+    model.eval()
+    with torch.no_grad():
+        inference = model.forward_from(h)  # where bitsandbytes would repack
+    after = _layer_state(block)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # no in-place change of layout
+    model.train()
+    x = h.clone().requires_grad_(True)
+    training = model.forward_from(x)
+    training.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # The same dequantize-then-matmul with or without grad, so the same numbers.
+    torch.testing.assert_close(inference, training.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_the_same_stage_files_and_heldout_ce_whether_the_cpu_would_pack_or_not(tmp_path, monkeypatch):
+    """Grow a width-32 model with its 4-bit suffix as on a CPU with AVX512-BF16 and on one without.
+
+    Held-out CE at the end of stage 1 runs the 4-bit block 2 in eval mode without grad, the
+    forward that bitsandbytes would repack (and, at width 32, fail: shape '[32, 0]'). Afterwards
+    the grown run is evaluated again in eval mode.
+    """
+    import yaml
+    from conftest import write_corpus
+
+    from grow.evaluate import heldout_ce
+    from grow.stages import load_run
+    from grow.store import list_stages
+
+    corpus_file = write_corpus(tmp_path / "corpus.txt")
+    cfg = tiny_config(corpus_file, blocks=2, steps=3)
+    assert cfg.model.hidden_size == 32 and cfg.quant.enabled and cfg.lora.enabled
+    result = {}
+    for packed in (True, False):
+        _cpu_feature(monkeypatch, packed)
+        run = tmp_path / f"packed-{packed}"
+        corpus = grow_in_process(run, cfg)
+        (run / "grow.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # as grow train writes it
+        stages = list_stages(run, verify=True)
+        files = {(k, name): (s.path / name).read_bytes()
+                 for k, s in stages.items() for name in s.manifest["files"]}
+        manifests = {k: {key: s.manifest[key] for key in ("losses", "heldout_ce", "files")}
+                     for k, s in stages.items()}
+        _, model, _, _ = load_run(run)
+        assert not model.training
+        ce = heldout_ce(lambda x, t: model(x), corpus.heldout, cfg.ratios()[0], mask_token_id=corpus.tokenizer.mask_token_id,
+                        seed=cfg.train.seed, batch_size=4, batches=2)
+        state = _layer_state(model.block(2))
+        result[packed] = files, manifests, ce, state
+    (files_on, manifests_on, ce_on, state_on), (files_off, manifests_off, ce_off, state_off) = result[True], result[False]
+    assert sorted(files_on) == sorted(files_off) and {k for k, _ in files_on} == {1, 2}
+    assert ("adapter_model.safetensors" in {n for _, n in files_on})
+    for key in files_on:
+        assert files_on[key] == files_off[key], key  # bitwise
+    assert manifests_on == manifests_off
+    assert ce_on == ce_off
+    assert all(torch.equal(a, b) for a, b in zip(state_on, state_off))
+
+
+def test_the_kernel_hub_message_of_bitsandbytes_is_dropped_and_nothing_else(caplog):
+    """bitsandbytes logs it at import on AVX512-BF16 CPUs only; this CPU may not, so emit it here."""
+    import logging
+
+    import grow  # noqa: F401  (installs the filter)
+    from grow.quiet import BNB_CPU_LOGGER
+
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    with caplog.at_level(logging.WARNING):
+        logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+            "`pip install kernels` and the kernels >= 0.11.1", ModuleNotFoundError("No module named 'kernels'"))
+        logger.warning("Failed to load something else: %s", "why")
+    assert [r.getMessage() for r in caplog.records] == ["Failed to load something else: why"]
+
+
+def test_the_filter_is_in_place_before_bitsandbytes_is_first_imported():
+    import subprocess
+
+    code = ("import sys, logging, grow; assert 'bitsandbytes' not in sys.modules; "
+            "from grow.quiet import BNB_CPU_LOGGER; print(len(logging.getLogger(BNB_CPU_LOGGER).filters))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
