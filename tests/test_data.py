@@ -13,7 +13,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import grow.data as data
+import grow.data.bible as bible
 from grow.config import DataConfig
 from grow.data import batch_positions, bible_documents, bible_text, load_corpus, load_tokenizer, pack
 from grow.errors import UserError
@@ -55,7 +55,7 @@ def cfg_for(source, **kw) -> DataConfig:
 
 def segments(rows, tokenizer) -> tuple[list[str], np.ndarray]:
     """Decode packed rows into complete documents; return them with the flat ids they cover."""
-    flat = rows.flatten().numpy()
+    flat = rows[:].flatten().numpy()
     ends = np.flatnonzero(flat == tokenizer.eos_token_id)
     starts = np.concatenate([[0], ends[:-1] + 1])
     texts = [tokenizer.decode(flat[a:b]) for a, b in zip(starts, ends)]
@@ -78,7 +78,8 @@ def test_txt_corpus_is_the_exact_packed_tokenization(tmp_path, txt, docs):
     tok = corpus.tokenizer
 
     for rows in (corpus.train, corpus.heldout):
-        assert rows.dtype == torch.int64 and rows.ndim == 2 and rows.shape[1] == 16 and len(rows) >= 1
+        assert rows.dtype == np.uint16 and rows.shape[1] == rows.seq_len == 16 and len(rows) >= 1
+        assert rows[:].dtype == torch.int64 and rows[:].shape == rows.shape
     assert (corpus.mask_token_id, tok.pad_token_id, tok.eos_token_id) == (2, 0, 1)
     assert len(tok) <= 300
 
@@ -103,7 +104,7 @@ def test_same_seed_is_identical_and_another_seed_splits_differently(tmp_path, tx
     # two trainings of the tokenizer on the same documents agree byte for byte
     assert (tmp_path / "a/tokenizer.json").read_bytes() == (tmp_path / "b/tokenizer.json").read_bytes()
     assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
-    assert a.train.equal(b.train) and a.heldout.equal(b.heldout)
+    assert torch.equal(a.train[:], b.train[:]) and torch.equal(a.heldout[:], b.heldout[:])
     held_a, _ = segments(a.heldout, a.tokenizer)
     held_c, _ = segments(c.heldout, c.tokenizer)
     assert set(held_a) != set(held_c)
@@ -118,7 +119,7 @@ def test_saved_tokenizer_is_reused_not_retrained(tmp_path, txt):
     again = load_corpus(cfg_for(txt, vocab_size=400), tmp_path / "tok", seed=0, log=lambda _: None)
     assert saved.stat().st_mtime_ns == stamp
     assert again.tokenizer.get_vocab() == first.tokenizer.get_vocab()
-    assert again.train.equal(first.train) and again.heldout.equal(first.heldout)
+    assert torch.equal(again.train[:], first.train[:]) and torch.equal(again.heldout[:], first.heldout[:])
     assert not list(tmp_path.glob("tok.tmp-*"))
 
 
@@ -129,7 +130,7 @@ def test_given_tokenizer_is_copied_into_the_run(tmp_path, txt):
     )
     assert (tmp_path / "run/tokenizer/tokenizer.json").is_file()
     assert corpus.tokenizer.get_vocab() == trained.tokenizer.get_vocab()
-    assert corpus.train.equal(trained.train)
+    assert torch.equal(corpus.train[:], trained.train[:])
 
 
 def test_jsonl_and_parquet_read_the_text_field(tmp_path, txt, docs):
@@ -140,7 +141,7 @@ def test_jsonl_and_parquet_read_the_text_field(tmp_path, txt, docs):
     datasets.Dataset.from_dict({"body": docs, "id": list(range(len(docs)))}).to_parquet(str(parquet))
     for i, source in enumerate((jsonl, parquet)):
         corpus = load_corpus(cfg_for(source, text_field="body"), tmp_path / f"t{i}", seed=3, log=lambda _: None)
-        assert corpus.train.equal(reference.train) and corpus.heldout.equal(reference.heldout)
+        assert torch.equal(corpus.train[:], reference.train[:]) and torch.equal(corpus.heldout[:], reference.heldout[:])
 
 
 def test_saved_dataset_directory_and_max_documents(tmp_path, docs):
@@ -200,8 +201,9 @@ def test_tokenizer_without_mask_token(tmp_path, txt):
     with pytest.raises(UserError, match="data.tokenizer: .*has no mask token"):
         load_corpus(cfg_for(txt, tokenizer=str(no_mask)), tmp_path / "tok", seed=0)
     assert not (tmp_path / "tok").exists()
+    (tmp_path / "not-a-tokenizer").mkdir()
     with pytest.raises(UserError, match="data.tokenizer: could not load"):
-        load_tokenizer(tmp_path / "does-not-exist")
+        load_tokenizer(tmp_path / "not-a-tokenizer")
 
 
 def test_bible_needs_its_package(tmp_path, monkeypatch):
@@ -255,7 +257,7 @@ def test_bible_documents_are_chapters_and_cached(tmp_path, monkeypatch):
     def no_parse():
         raise AssertionError("parsed again")
 
-    monkeypatch.setattr(data, "_parse_bible", no_parse)
+    monkeypatch.setattr(bible, "_parse_bible", no_parse)
     assert bible_documents() == chapters
     assert bible_text().split("\n") == chapters
 
@@ -266,6 +268,6 @@ def test_bible_corpus(tmp_path):
     corpus = load_corpus(cfg, tmp_path / "tok", seed=0, log=logs.append)
     assert "50 documents (45 train, 5 held out)" in logs[0]
     assert corpus.train.shape[1] == 64 and len(corpus.train) > 100 and len(corpus.heldout) >= 1
-    assert int(corpus.train.max()) < len(corpus.tokenizer) <= 512
+    assert int(corpus.train[:].max()) < len(corpus.tokenizer) <= 512
     held, _ = segments(corpus.heldout, corpus.tokenizer)
     assert all(text.startswith("1. ") for text in held)
