@@ -355,7 +355,7 @@ def cmd_data(args: argparse.Namespace) -> int | None:
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
     from grow.config import DataConfig
-    from grow.data import prepare
+    from grow.data import prepare_corpus
     from grow.units import parse_bytes
 
     start = time.perf_counter()
@@ -369,7 +369,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
             shard_bytes = parse_bytes(args.shard_size)
         except ValueError as exc:
             raise UserError(f"--shard-size: {exc}") from None
-        m = prepare(cfg, Path(args.out), seed=args.seed, shard_bytes=shard_bytes, overwrite=args.overwrite)
+        m = prepare_corpus(cfg, Path(args.out), seed=args.seed, shard_bytes=shard_bytes, overwrite=args.overwrite)
     except UserError as exc:
         raise UserError(_as_flag(str(exc))) from None
     seconds = time.perf_counter() - start
@@ -418,7 +418,7 @@ def _describe_corpus(directory: Path, m: dict) -> list[str]:
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int | None:
-    from grow.data.corpus import open_corpus
+    from grow.data import TokenRows, load_tokenizer
     from grow.data.shards import problem, read_manifest, stamp_time, write_stamp
 
     directory = Path(args.dir)
@@ -436,11 +436,12 @@ def cmd_data_inspect(args: argparse.Namespace) -> int | None:
         when = stamp_time(directory)
         print(f"check      all {len(m['files'])} files match their size; sha256 "
               + (f"last verified on this machine at {when}" if when else
-                 "not verified on this machine yet (--verify, or the first grow train on it, hashes every file)"))
-    corpus = open_corpus(directory, field="DIR")
-    if not 0 <= args.row < len(corpus.train):
-        raise UserError(f"--row: expected 0..{len(corpus.train) - 1}, got {args.row}")
-    text = corpus.tokenizer.decode(corpus.train.rows([args.row])[0].tolist())
+                 "not checked since the files last changed (--verify hashes every file; so does the next "
+                 "grow train that uses them)"))
+    train = TokenRows.open([directory / s["file"] for s in m["shards"]["train"]])
+    if not 0 <= args.row < len(train):
+        raise UserError(f"--row: expected 0..{len(train) - 1}, got {args.row}")
+    text = load_tokenizer(directory / "tokenizer", "DIR").decode(train.rows([args.row])[0].tolist())
     print(f"sample     train row {args.row}: {text!r}")
 
 

@@ -188,6 +188,81 @@ def test_hub_failure_is_one_line(tmp_path, monkeypatch):
         load_corpus(cfg_for("someone/corpus"), tmp_path / "tok", seed=0)
 
 
+# The data probes of issue 11: one line that names the file, the line and the encoding.
+
+
+def test_local_file_with_unknown_extension_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("sent to the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    path = tmp_path / "corpus.csv"
+    path.write_text("text\nhello\n")
+    with pytest.raises(UserError, match=r"^data.source: .*corpus.csv has an unknown extension '.csv'; expected a "
+                       r"\.txt, \.jsonl, \.json or \.parquet file"):
+        load_corpus(cfg_for(path), tmp_path / "tok", seed=0)
+    for missing in (tmp_path / "gone.csv", "./not/here/corpus.txt", "data/corpus.csv"):
+        with pytest.raises(UserError, match=rf"^data.source: no such file or directory: {missing}$"):
+            load_corpus(cfg_for(missing), tmp_path / "tok", seed=0)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_latin1_txt_names_file_line_and_encoding(tmp_path, docs, streaming):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("\n".join([*docs[:5], "un café crème", *docs[5:]]).encode("latin-1"))
+    offset = len("\n".join(docs[:5]).encode()) + 1 + len("un caf")
+    with pytest.raises(UserError) as err:
+        load_corpus(cfg_for(path, streaming=streaming), tmp_path / "tok", seed=0)
+    assert str(err.value) == (
+        f"data.source: {path}: line 6 is not valid UTF-8: byte 0xe9 at offset {offset}; grow reads text as UTF-8, "
+        "so convert it first (e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
+def test_binary_txt_names_file_line_and_encoding(tmp_path):
+    path = tmp_path / "image.txt"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4)
+    with pytest.raises(UserError, match=rf"^data.source: {path}: line 1 is not valid UTF-8 \(a binary file\?\): "
+                       r"byte 0x89 at offset 0;"):
+        load_corpus(cfg_for(path), tmp_path / "tok", seed=0)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_malformed_jsonl_names_file_and_line(tmp_path, docs, streaming):
+    path = tmp_path / "c.jsonl"
+    lines = [json.dumps({"text": d}) for d in docs]
+    lines[6] = lines[6][:-1]  # a missing closing brace
+    path.write_text("\n".join(lines[:3] + [""] + lines[3:]) + "\n")  # a blank line counts as a line
+    with pytest.raises(UserError) as err:
+        load_corpus(cfg_for(path, streaming=streaming), tmp_path / "tok", seed=0)
+    assert str(err.value).startswith(f"data.source: {path}: line 8 is not valid JSON: ")
+    assert "\n" not in str(err.value)
+
+
+def test_missing_tokenizer_path_says_so(tmp_path, txt):
+    for missing in (tmp_path / "no-such-tokenizer", "./tokenizers/mine", "~/no/such/tokenizer"):
+        with pytest.raises(UserError, match=rf"^data.tokenizer: no such tokenizer directory: {missing}$"):
+            load_corpus(cfg_for(txt, tokenizer=str(missing)), tmp_path / "tok", seed=0)
+    assert not (tmp_path / "tok").exists()
+
+
+def test_jsonl_rows_without_the_text_field_warn_once_with_a_count(tmp_path, docs):
+    path = tmp_path / "c.jsonl"
+    rows = [{"id": i, "body": d} for i, d in enumerate(docs)]
+    for i in (4, 9, 30):
+        rows[i] = {"id": i, "title": "no body here"}
+    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "".join(json.dumps(r) + "\n" for r in rows[2:]))
+    for streaming in (False, True):
+        logs = []
+        corpus = load_corpus(cfg_for(path, text_field="body", streaming=streaming), tmp_path / f"tok{streaming}",
+                             seed=0, log=logs.append)
+        warnings = [line for line in logs if "warning" in line]
+        assert warnings == [f"data: warning: 3 rows of {path} have no 'body' text (first at line 6); "
+                            "they were skipped"], logs
+        assert "37 documents" in logs[-1]
+        assert corpus.manifest["source"]["rows_without_text"] == 3
+
+
 def test_tokenizer_without_mask_token(tmp_path, txt):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel()

@@ -16,7 +16,7 @@ Data flows sources -> prepare -> shards on disk -> corpus (TokenRows) -> trainer
 from grow.data.bible import bible_documents, bible_text
 from grow.data.cache import cache_dir
 from grow.data.corpus import Corpus, load_corpus, open_corpus
-from grow.data.prepare import prepare
+from grow.data.prepare import prepare_corpus
 from grow.data.rows import TokenRows, batch_positions
 from grow.data.shards import pack
 from grow.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, tokenizer_hash, train_tokenizer
@@ -33,7 +33,7 @@ __all__ = [
     "load_tokenizer",
     "open_corpus",
     "pack",
-    "prepare",
+    "prepare_corpus",
     "tokenizer_hash",
     "train_tokenizer",
 ]

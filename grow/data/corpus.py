@@ -18,7 +18,7 @@ import transformers
 
 from grow.config import DataConfig
 from grow.data.cache import prepared_dir, prepared_key
-from grow.data.prepare import prepare
+from grow.data.prepare import prepare_corpus
 from grow.data.rows import TokenRows
 from grow.data.shards import FORMAT_VERSION, SPLITS, is_prepared, read_manifest, verify
 from grow.data.tokenizer import has_tokenizer, load_tokenizer, save_tokenizer, tokenizer_hash
@@ -121,7 +121,7 @@ def _cached(cfg: DataConfig, seed: int, run_tokenizer, log, prepare_missing: boo
             "prepares it, so GROW_CACHE_DIR must be shared by every node (or run grow data prepare and set "
             "data.source to that directory)"
         )
-    prepare(cfg, directories[0], seed=seed, tokenizer=fixed, log=log)
+    prepare_corpus(cfg, directories[0], seed=seed, tokenizer=fixed, log=log)
     return open_corpus(directories[0]), "prepared and mapped"
 
 

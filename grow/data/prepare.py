@@ -44,7 +44,7 @@ SHARD_BYTES = 512 * 2**20
 POOL_MIN_DOCUMENTS = 10_000
 
 
-def prepare(
+def prepare_corpus(
     cfg: DataConfig,
     out: Path,
     *,
@@ -65,17 +65,15 @@ def prepare(
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"--out: {out} exists and is not empty; pass --overwrite to replace it")
+    origin = "given" if tokenizer is not None else "trained" if cfg.tokenizer == "train" else cfg.tokenizer
+    if tokenizer is None and cfg.tokenizer != "train":
+        tokenizer = load_tokenizer(cfg.tokenizer)  # before any reading: a bad path fails at once
     docs = read_documents(cfg)
     split = _Split(docs, cfg, seed)
     tmp = temp_dir_for(out)
     try:
-        if tokenizer is None and cfg.tokenizer == "train":
+        if tokenizer is None:
             tokenizer = train_tokenizer(split.train_texts(), cfg.vocab_size, length=split.train_length)
-            origin = "trained"
-        elif tokenizer is None:
-            tokenizer, origin = load_tokenizer(cfg.tokenizer), cfg.tokenizer
-        else:
-            origin = "given"
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         tokenizer = load_tokenizer(tmp / "tokenizer")  # what every reader will load
         dtype = token_dtype(len(tokenizer))

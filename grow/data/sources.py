@@ -96,7 +96,7 @@ class Documents:
                 text = example.get(self.field)
                 if text is None:
                     self.missing += 1
-                    self.first_missing = self.first_missing or f"row {row}"
+                    self.first_missing = self.first_missing or _locate_row(self.path, row - 1)
                     continue
                 if not (isinstance(text, str) and text.strip()):
                     continue

@@ -61,8 +61,8 @@ def train_tokenizer(texts: datasets.Dataset | Iterable[list[str]], vocab_size: i
         show_progress=False,
     )
     if isinstance(texts, datasets.Dataset):
-        length = len(texts)
-        texts = (texts[i : i + 1000]["text"] for i in range(0, len(texts), 1000))
+        dataset, length = texts, len(texts)
+        texts = (dataset[i : i + 1000]["text"] for i in range(0, length, 1000))
     bpe.train_from_iterator(texts, trainer, length=length)
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=bpe, pad_token="[PAD]", eos_token="[EOS]", mask_token="[MASK]"
