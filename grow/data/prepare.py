@@ -70,32 +70,22 @@ def prepare_corpus(
         tokenizer = load_tokenizer(cfg.tokenizer)  # before any reading: a bad path fails at once
     docs = read_documents(cfg)
     split = _Split(docs, cfg, seed)
-    tmp = temp_dir_for(out)
-    try:
-        if tokenizer is None:
-            tokenizer = train_tokenizer(split.train_texts(), cfg.vocab_size, length=split.train_length)
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        tokenizer = load_tokenizer(tmp / "tokenizer")  # what every reader will load
-        dtype = token_dtype(len(tokenizer))
-        sep = separator_id(tokenizer)
-        shard_rows = shard_bytes // (cfg.seq_len * dtype.itemsize)
-        packers = {s: RowPacker(cfg.seq_len, sep, dtype) for s in SPLITS}
-        writers = {s: ShardWriter(tmp, s, dtype, cfg.seq_len, shard_rows) for s in SPLITS}
-        procs = _processes(cfg, docs, num_proc)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(split.train_texts(), cfg.vocab_size, length=split.train_length)
+    procs = _processes(cfg, docs, num_proc)
+    with CorpusWriter(out, tokenizer, cfg.seq_len, shard_bytes=shard_bytes, overwrite=overwrite) as writer:
         with tqdm(total=None if docs.streaming else len(docs), unit=" docs", desc="prepare", disable=None,
                   file=sys.stderr, leave=False) as bar:
-            for part, flat, lengths in _encoded(split.tagged(), tokenizer, tmp / "tokenizer", procs):
-                writers[part].write(packers[part].add(flat, lengths))
+            for part, flat, lengths in _encoded(split.tagged(), writer.tokenizer, procs):
+                writer.add(part, flat, lengths)
                 bar.update(len(lengths))
-        shards = {s: writers[s].close() for s in SPLITS}
-        rows = {s: writers[s].rows for s in SPLITS}
-        tokens = {s: packers[s].tokens for s in SPLITS}
-        if not rows["train"] or not rows["heldout"]:
+        tokens = {s: writer.packers[s].tokens for s in SPLITS}
+        if not writer.rows("train") or not writer.rows("heldout"):
             raise UserError(
                 f"data.source: {cfg.source!r} has too little text: {tokens['train']} train and {tokens['heldout']} "
                 f"held-out tokens, but each needs one sequence of data.seq_len={cfg.seq_len}"
             )
-        manifest = {
+        return writer.commit({
             "source": {
                 "name": cfg.source, "identity": source_identity(cfg), "text_field": docs.field,
                 "hub_split": cfg.hub_split, "streaming": docs.streaming, "max_documents": cfg.max_documents,
@@ -103,27 +93,70 @@ def prepare_corpus(
             },
             "split": {"seed": seed, "method": "hash" if docs.streaming else "permutation",
                       "heldout_fraction": cfg.heldout_fraction, "heldout_max_documents": cfg.heldout_max_documents},
-            "seq_len": cfg.seq_len,
-            "dtype": dtype.name,
-            "tokenizer": {
-                "sha256": tokenizer_hash(tokenizer), "origin": origin,
-                "trained_vocab_size": cfg.vocab_size if origin == "trained" else None,
-                "size": len(tokenizer), "class": type(tokenizer).__name__,
-                "separator_id": sep, "mask_token_id": tokenizer.mask_token_id,
-            },
-            "documents": {s: packers[s].documents for s in SPLITS},
-            "tokens": tokens,
-            "rows": rows,
-            "shards": shards,
+            "tokenizer": {"origin": origin, "trained_vocab_size": cfg.vocab_size if origin == "trained" else None},
             "prepare_seconds": round(time.perf_counter() - start, 3),
             "num_proc": procs,
+        })
+
+
+class CorpusWriter:
+    """Token ids in, a committed prepared directory out: the writing half of ``prepare_corpus``.
+
+    Opens a temp dir next to ``out`` and saves the tokenizer there (the ids' tokenizer is
+    the one read back from it); ``add`` packs a batch of documents of one split into rows and appends them to its
+    shards; ``commit`` hashes every file, writes the manifest and renames the directory.
+    Used as a context manager, an exception leaves nothing behind.
+    """
+
+    def __init__(self, out: Path, tokenizer, seq_len: int, *, shard_bytes: int = SHARD_BYTES,
+                 overwrite: bool = False):
+        self.out, self.seq_len, self.overwrite = Path(out), seq_len, overwrite
+        self.tmp = temp_dir_for(self.out)
+        self.tokenizer_dir = self.tmp / "tokenizer"
+        tokenizer.save_pretrained(str(self.tokenizer_dir))
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)  # what every reader will load
+        self.dtype = token_dtype(len(self.tokenizer))
+        sep = separator_id(self.tokenizer)
+        shard_rows = shard_bytes // (seq_len * self.dtype.itemsize)
+        self.packers = {s: RowPacker(seq_len, sep, self.dtype) for s in SPLITS}
+        self.writers = {s: ShardWriter(self.tmp, s, self.dtype, seq_len, shard_rows) for s in SPLITS}
+
+    def add(self, split: str, flat: np.ndarray, lengths: np.ndarray) -> None:
+        """Documents of ``split``: their ids concatenated, and their lengths."""
+        self.writers[split].write(self.packers[split].add(flat, lengths))
+
+    def rows(self, split: str) -> int:
+        return self.writers[split].rows
+
+    def commit(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Write the manifest (``info`` plus counts, dtype, tokenizer, shards) and rename."""
+        shards = {s: self.writers[s].close() for s in SPLITS}
+        tok = self.tokenizer
+        manifest = {
+            **info,
+            "seq_len": self.seq_len,
+            "dtype": self.dtype.name,
+            "tokenizer": {
+                **info.get("tokenizer", {}), "sha256": tokenizer_hash(tok), "size": len(tok),
+                "class": type(tok).__name__, "separator_id": separator_id(tok), "mask_token_id": tok.mask_token_id,
+            },
+            "documents": {s: self.packers[s].documents for s in SPLITS},
+            "tokens": {s: self.packers[s].tokens for s in SPLITS},
+            "rows": {s: self.writers[s].rows for s in SPLITS},
+            "shards": shards,
             "versions": {name: importlib.metadata.version(name) for name in
                          ("datasets", "tokenizers", "transformers", "numpy")},
         }
-        return commit(tmp, out, manifest, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return commit(self.tmp, self.out, manifest, overwrite=self.overwrite)
+
+    def __enter__(self) -> "CorpusWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            for writer in self.writers.values():
+                writer.abort()
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class _Split:
@@ -195,38 +228,48 @@ def _processes(cfg: DataConfig, docs: Documents, num_proc: int | None) -> int:
 # --------------------------------------------------------------------------- tokenizing
 
 
-_WORKER_TOKENIZER = None
-
-
-def _init_worker(tokenizer_dir: str) -> None:
-    global _WORKER_TOKENIZER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    import transformers
-
-    _WORKER_TOKENIZER = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+_WORKER_TOKENIZER = None  # set in the parent just before the workers fork from it
 
 
 def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return encode(_WORKER_TOKENIZER, texts)
 
 
-def _encoded(tagged, tokenizer, tokenizer_dir: Path, procs: int) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+def _encoded(tagged, tokenizer, procs: int) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """``(split, flat ids, lengths)`` per batch, in the order of ``tagged``."""
+    global _WORKER_TOKENIZER
     if procs <= 1:
         for part, texts in tagged:
             yield part, *encode(tokenizer, texts)
         return
-    # spawn, not fork: the parent may hold tokenizer threads and torch state that fork
-    # would copy into the workers half-initialised
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(procs, mp_context=context, initializer=_init_worker,
-                             initargs=(str(tokenizer_dir),)) as pool:
-        window: deque = deque()  # bounded, so a stream is never read far ahead of the writer
-        for part, texts in tagged:
-            window.append((part, pool.submit(_encode_in_worker, texts)))
-            if len(window) >= 2 * procs:
+    # fork, as datasets' own map(num_proc) does: a worker starts in milliseconds with the
+    # tokenizer already loaded (spawn would re-import torch and transformers in each one).
+    # The workers are the parallelism, so the tokenizer's own threads are off in them; the
+    # variable being set also spares the tokenizers library's warning about the fork.
+    _WORKER_TOKENIZER = tokenizer
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as pool:
+            window: deque = deque()  # bounded, so a stream is never read far ahead of the writer
+            for part, texts in tagged:
+                window.append((part, pool.submit(_encode_in_worker, texts)))
+                if len(window) == 1:
+                    # the workers have forked now; the parent's tokenizer may use its threads again
+                    _restore(previous)
+                if len(window) >= 2 * procs:
+                    part, future = window.popleft()
+                    yield part, *future.result()
+            while window:
                 part, future = window.popleft()
                 yield part, *future.result()
-        while window:
-            part, future = window.popleft()
-            yield part, *future.result()
+    finally:
+        _WORKER_TOKENIZER = None
+        _restore(previous)
+
+
+def _restore(previous: str | None) -> None:
+    if previous is None:
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)
+    else:
+        os.environ["TOKENIZERS_PARALLELISM"] = previous

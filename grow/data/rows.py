@@ -54,10 +54,8 @@ class TokenRows:
         arrays = [np.load(path, mmap_mode="r") for path in paths]
         for array in arrays:
             # Batches read rows in a random order, so the kernel's readahead would only pull
-            # in neighbours no batch asked for (and count them in this process's RSS).
-            handle = getattr(array, "_mmap", None)
-            if handle is not None and hasattr(mmap, "MADV_RANDOM"):
-                handle.madvise(mmap.MADV_RANDOM)
+            # in neighbours no batch asked for.
+            _advise(array, "MADV_RANDOM")
         return cls(arrays)
 
     def __len__(self) -> int:
@@ -80,13 +78,10 @@ class TokenRows:
             raise IndexError(f"TokenRows: row index out of range for {n} rows")
         idx = np.where(idx < 0, idx + n, idx)
         out = np.empty((len(idx), self.seq_len), dtype=np.int64)
-        if len(self.arrays) == 1:
-            out[:] = self.arrays[0][idx]
-        else:
-            shard = np.searchsorted(self._starts, idx, side="right") - 1
-            for s in np.unique(shard):
-                here = shard == s
-                out[here] = self.arrays[s][idx[here] - self._starts[s]]
+        shard = np.searchsorted(self._starts, idx, side="right") - 1
+        for s in np.unique(shard):
+            here = np.flatnonzero(shard == s)
+            _copy_rows(self.arrays[s], idx[here] - self._starts[s], out, here)
         return torch.from_numpy(out)
 
     def __getitem__(self, index) -> torch.Tensor:
@@ -98,6 +93,33 @@ class TokenRows:
 
     def __repr__(self) -> str:
         return f"TokenRows({len(self)} rows x {self.seq_len}, {self.dtype}, {len(self.arrays)} shard(s))"
+
+
+def _copy_rows(array: np.ndarray, rows: np.ndarray, out: np.ndarray, at: np.ndarray) -> None:
+    """``out[at] = array[rows]``, leaving none of ``array``'s pages mapped in this process.
+
+    A memory-mapped row, once read, stays mapped -- and counted in this process's resident
+    set -- until the mapping goes; over an epoch that would be the whole corpus (nanoGPT
+    re-creates its np.memmap every batch for this reason). Worse, kernels that cache files
+    in large folios map a whole folio (up to 2 MiB) for a 256-byte row. So each row is
+    copied and the mapping's pages are dropped at once (MADV_DONTNEED): the data stays in
+    the page cache, shared by every rank and re-mapped for free, and the resident set grows
+    by at most one folio whatever the batch, the step or the corpus size.
+    """
+    handle = getattr(array, "_mmap", None)
+    if handle is None or not hasattr(mmap, "MADV_DONTNEED"):
+        out[at] = array[rows]
+        return
+    for j, row in zip(at, rows):
+        out[j] = array[row]
+        handle.madvise(mmap.MADV_DONTNEED)
+
+
+def _advise(array: np.ndarray, advice: str) -> None:
+    """madvise the whole mapping behind a np.memmap (no-op for in-memory arrays)."""
+    handle = getattr(array, "_mmap", None)
+    if handle is not None and hasattr(mmap, advice):
+        handle.madvise(getattr(mmap, advice))
 
 
 # --------------------------------------------------------------------------- data order
@@ -122,13 +144,13 @@ def batch_positions(
     return ids, epochs
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def _epoch_order(num_samples: int, seed: int, stream: int, epoch: int) -> np.ndarray:
     # Cached because every step of an epoch reads the same permutation (~10 ms for 1M rows).
-    # Two entries: the steps of a stage walk one stream's epochs in order, and a permutation
-    # costs 8 bytes per row (12 MB for 200M tokens in rows of 128), so keeping more would be
-    # memory that grows with the corpus. (A batch larger than the corpus spans more epochs;
-    # their permutations are then tiny and cheap to recompute.)
+    # One entry: the steps of a stage walk one stream's epochs in order (a batch across an
+    # epoch boundary asks for epoch e, then e + 1, which the next steps reuse), and a
+    # permutation costs 8 bytes per row -- 12 MB for 200M tokens in rows of 128, the one
+    # part of the data path whose memory still grows with the corpus.
     order = np.random.default_rng([seed, stream, epoch]).permutation(num_samples)
     order.flags.writeable = False
     return order

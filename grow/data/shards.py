@@ -122,6 +122,12 @@ class ShardWriter:
             self._close()
         return self.shards
 
+    def abort(self) -> None:
+        """Close the open shard as it is (its directory is about to be deleted)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     @property
     def rows(self) -> int:
         return sum(s["rows"] for s in self.shards) + self._rows
@@ -292,12 +298,17 @@ def _stats(directory: Path, names) -> dict[str, list[int]]:
 
 
 def write_stamp(directory: Path) -> None:
-    """Record that every file of ``directory`` was hashed as it is now."""
+    """Record that every file of ``directory`` was hashed as it is now (best effort: without
+    a writable cache the next start simply hashes again)."""
     manifest = read_manifest(directory)
     path = stamp_path(directory, _manifest_sha(directory))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"directory": str(Path(directory).resolve()), "files": _stats(directory, manifest["files"]),
-                             "hashed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"directory": str(Path(directory).resolve()),
+                                 "files": _stats(directory, manifest["files"]),
+                                 "hashed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    except OSError:
+        pass
 
 
 def stamp_matches(directory: Path) -> bool:
