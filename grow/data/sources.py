@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -66,7 +66,6 @@ class Documents:
     path: Path | None = None
     missing: int = 0
     first_missing: str | None = None
-    _streamed: int = field(default=0, repr=False)
 
     @property
     def streaming(self) -> bool:
@@ -88,25 +87,28 @@ class Documents:
             return
         self.missing, self.first_missing = 0, None
         kept, batch, row = 0, [], 0
-        with explained(self):
-            for row, example in enumerate(self.dataset, start=1):
-                if row == 1 and self.field not in example:
-                    raise UserError(f"data.text_field: no column {self.field!r} in {self.source!r}; "
-                                    f"columns: {', '.join(example)}")
-                text = example.get(self.field)
-                if text is None:
-                    self.missing += 1
-                    self.first_missing = self.first_missing or _locate_row(self.path, row - 1)
-                    continue
-                if not (isinstance(text, str) and text.strip()):
-                    continue
-                batch.append(text)
-                kept += 1
-                if len(batch) == BATCH:
-                    yield batch
-                    batch = []
-                if self.max_documents is not None and kept >= self.max_documents:
-                    break
+        examples = iter(self.dataset)
+        while self.max_documents is None or kept < self.max_documents:
+            with explained(self):  # a stream reads (and fails) as it goes
+                example = next(examples, None)
+            if example is None:
+                break
+            row += 1
+            if row == 1 and self.field not in example:
+                raise UserError(f"data.text_field: no column {self.field!r} in {self.source!r}; "
+                                f"columns: {', '.join(example)}")
+            text = example.get(self.field)
+            if text is None:
+                self.missing += 1
+                self.first_missing = self.first_missing or _locate_row(self.path, row - 1)
+                continue
+            if not (isinstance(text, str) and text.strip()):
+                continue
+            batch.append(text)
+            kept += 1
+            if len(batch) == BATCH:
+                yield batch
+                batch = []
         if batch:
             yield batch
 
@@ -297,7 +299,7 @@ def first_bad_json_line(path: Path) -> tuple[int, str] | None:
             if not text.strip():
                 continue
             try:
-                value = json.loads(text)
+                value = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 return n, f"{err.msg} (column {err.colno})"
             if not isinstance(value, dict):
