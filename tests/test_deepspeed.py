@@ -50,13 +50,14 @@ def grow_args(run, corpus, ds, extra=()):
             "--set", "train.batch_size=8", "--set", "schedule.r_max=0.6", "--deepspeed", str(ds), *extra]
 
 
-def launch(args, ranks: int, wait=True):
+def launch(args, ranks: int, wait=True, extra_env=None):
     PORT[0] += 1
     if ranks == 1:
         cmd = [sys.executable, "-m", "grow", *args]
     else:
         cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(PORT[0]), "--module", "grow", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     if not wait:
         return proc
     out, _ = proc.communicate(timeout=600)
@@ -171,6 +172,26 @@ def test_two_ranks_grow_left_to_right_with_per_row_levels_like_one_rank(tmp_path
         for name in w1[k]:
             assert_close_weights(w1[k][name], w2[k][name], name)
     assert m1[2]["stage"]["train"] == [2] and "model.layers.0.mlp.up_proj.weight" not in w1[2]  # block 1 frozen
+
+
+def test_two_ranks_map_one_prepared_directory(tmp_path, corpus):
+    """Both ranks map the files of one prepared directory: nothing is tokenized or copied."""
+    from grow.cli import main
+
+    prepared = tmp_path / "prepared"
+    assert main(["data", "prepare", corpus, "--out", str(prepared), "--seq-len", "32", "--vocab-size", "300",
+                 "--heldout-fraction", "0.1"]) == 0
+    rows = json.loads((prepared / "manifest.json").read_text())["rows"]
+    cache = tmp_path / "cache"  # the ranks' own GROW_CACHE_DIR, to see what they write there
+    out = launch(grow_args(tmp_path / "two", str(prepared), ds_json(tmp_path, 2)), 2,
+                 extra_env={"GROW_CACHE_DIR": str(cache)})
+    assert out.count(f"rows mapped from {prepared}") == 1  # rank 0 logs
+    _, manifests = weights(tmp_path / "two")
+    for m in manifests.values():
+        assert m["world_size"] == 2
+        assert (m["data"]["train_sequences"], m["data"]["heldout_sequences"]) == (rows["train"], rows["heldout"])
+    assert not (cache / "prepared").exists()  # no rank prepared (tokenized) anything
+    assert len(list((cache / "verified").iterdir())) == 1  # one directory, hashed once, stamped once
 
 
 @pytest.mark.parametrize(
