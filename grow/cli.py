@@ -83,7 +83,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         stored = run / "grow.yaml"
         if not stored.is_file():
             raise UserError(f"--resume: {run} is not a grow run (no grow.yaml)")
-        old = yaml.safe_load(stored.read_text())
+        from grow.config import GrowConfig, from_dict
+
+        # Through today's dataclasses, so a field added since the run started counts at its default.
+        old = from_dict(GrowConfig, yaml.safe_load(stored.read_text())).to_dict()
         changed = critical_changes(old, cfg.to_dict())
         if changed:
             raise UserError(f"--resume: architecture-critical settings differ from the stored run: {', '.join(changed)}")

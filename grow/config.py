@@ -145,6 +145,9 @@ class CurriculumConfig:
     final_steps: int = 0
     """Steps of the final whole-stack stage after growth (t ~ U(0, 1) through every block);
     0 = no final stage."""
+    anchor: float = 0.0
+    """Depth-tied curricula: the share of each batch a stage spends keeping the level paths it
+    changes where their own stages left them (each such path at its own r_j); 0 = off."""
 
     def __post_init__(self) -> None:
         if self.conditioning != "none" and self.time != "input":
@@ -162,6 +165,8 @@ class CurriculumConfig:
         if self.joint_every < 0 or self.final_steps < 0:
             raise UserError("curriculum.joint_every and curriculum.final_steps must be >= 0")
         _positive(self, "curriculum", "joint_steps")
+        if not 0 <= self.anchor < 1:
+            raise UserError(f"curriculum.anchor: expected a share of the batch in [0, 1), got {self.anchor}")
         if self.joint_every and self.kind != "left_to_right":
             raise UserError("curriculum.joint_every: periodic joint fine-tunes belong to kind=left_to_right")
 

@@ -21,7 +21,7 @@ A final whole-stack stage (``curriculum.final_steps``) may follow any of them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from grow.config import GrowConfig
@@ -71,6 +71,11 @@ class StageSpec:
     """The schedule level k this stage is tied to (time as depth and bands), if any."""
     consistency_level: float | None = None
     """Right to left with time as depth: r_{k+1}, the level the suffix's own input was at."""
+    anchors: tuple[int, ...] = ()
+    """Levels whose paths this stage changes (they hold a block or adapter it trains) and so
+    also trains on, each at its own r_j, to keep them where their stages left them."""
+    anchor_fraction: float = 0.0
+    """Share of each batch's rows spent on the anchor levels (curriculum.anchor)."""
 
     @property
     def name(self) -> str:
@@ -166,11 +171,27 @@ CURRICULA = {"right_to_left": right_to_left, "left_to_right": left_to_right, "jo
 
 
 def stage_specs(cfg: GrowConfig) -> list[StageSpec]:
-    """Every stage of the run, in the order they run."""
+    """Every stage of the run, in the order they run, with the level paths each one anchors."""
     specs = CURRICULA[cfg.curriculum.kind](cfg)
     if cfg.curriculum.final_steps:
         specs.append(final_stage(cfg, len(specs) + 1))
-    return specs
+    paths = level_paths(cfg)
+    if paths is None or not cfg.curriculum.anchor:
+        return specs
+    return [replace(spec, anchors=changed_levels(spec, paths), anchor_fraction=cfg.curriculum.anchor)
+            for spec in specs]
+
+
+def changed_levels(spec: StageSpec, paths: dict[int, tuple[int, int]]) -> tuple[int, ...]:
+    """The levels (other than the stage's own) whose path runs through something the stage trains.
+
+    Growing right to left, stage k's trainable adapters sit on blocks k+1..; every level
+    whose path k'..L contains one of them changes while block k trains. A whole-stack stage
+    changes every path.
+    """
+    trained = set(spec.train) | set(spec.adapters)
+    return tuple(k for k, (a, b) in sorted(paths.items())
+                 if k != spec.level and spec.first <= a and b <= spec.last and trained & set(range(a, b + 1)))
 
 
 def final_stage(cfg: GrowConfig, index: int) -> StageSpec:
