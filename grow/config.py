@@ -448,22 +448,42 @@ class GrowConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> GrowConfig:
     """Read a YAML config (or the defaults when path is None) and apply ``--set`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config: no such file: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise UserError(f"config: {path} is not valid YAML{where}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"config: {path} must be a mapping of sections, got {type(raw).__name__}")
+    raw: dict[str, Any] = read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         apply_override(raw, item)
     return from_dict(GrowConfig, raw)
+
+
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a mapping, with ``base: OTHER.yaml`` (relative to this file) merged under it.
+
+    A variant config names only what it changes from its base: sections merge field by field,
+    and any value it gives (a list too) replaces the base's.
+    """
+    if not path.is_file():
+        raise UserError(f"config: no such file: {path}")
+    if path.resolve() in seen:
+        raise UserError(f"config: {path} includes itself through base:")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"config: {path} is not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config: {path} must be a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise UserError(f"base: expected the path of another config file, got {_show(base)}")
+    merged = read_yaml(path.parent / base, (*seen, path.resolve()))
+    for section, fields in raw.items():
+        if isinstance(fields, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **fields}
+        else:
+            merged[section] = fields
+    return merged
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

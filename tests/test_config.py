@@ -76,3 +76,18 @@ def test_bad_config_names_the_field(tmp_path, text, overrides, match):
 def test_missing_file():
     with pytest.raises(UserError, match="config: no such file"):
         load_config("does/not/exist.yaml")
+
+
+def test_a_config_names_only_what_it_changes_from_its_base(tmp_path):
+    from grow.config import load_config
+
+    (tmp_path / "base.yaml").write_text("model: {num_blocks: 3, hidden_size: 64}\ntrain: {steps: [1, 2, 3]}\n")
+    (tmp_path / "variant.yaml").write_text("base: base.yaml\nmodel: {hidden_size: 32}\ntrain: {steps: 5}\n")
+    cfg = load_config(tmp_path / "variant.yaml")
+    assert (cfg.model.num_blocks, cfg.model.hidden_size, cfg.train.steps) == (3, 32, 5)  # merged; a list replaced
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(UserError, match="includes itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(UserError, match="no such file: .*nowhere.yaml"):
+        load_config(tmp_path / "missing.yaml")
