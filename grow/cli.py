@@ -234,7 +234,7 @@ def cmd_status(args: argparse.Namespace) -> None:
                     if "path" in e:
                         e["drift"] = e["path"] / e["commit"] - 1
                 rows.append(e)
-            print("\n".join(levels_table(rows, config.model.num_blocks)))
+            print("\n".join(levels_table(rows)))
         print("\nmemory per stage (model state = trained blocks + grads + optimizer + frozen blocks + adapters + ends):")
         print(f"{'stage':<18}  {'trainable':>11}  {'model state':>11}  {'frozen 4-bit':>12}  {'B/param':>7}  "
               f"{'adapters':>9}  {'peak':>10}  peak kind")
@@ -353,6 +353,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(line, file=sys.stderr)
 
     grid = parse_ratios(args.ratios) if args.ratios else list(DEFAULT_GRID)
+    if args.levels and args.plot:
+        raise UserError("--plot: the plot draws the CE curves, which --levels skips; drop one of them")
     if args.samples < 0:
         raise UserError(f"--samples: expected >= 0 samples per sampler, got {args.samples}")
     device = resolve_device(args.device)
@@ -362,7 +364,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     batches = args.batches or (run_cfg.train.eval_batches if run_cfg else 4)
     batch_size = args.batch_size or (run_cfg.train.batch_size if run_cfg else 16)
     report = evaluate_denoiser(loaded, heldout, grid=grid, batches=batches, batch_size=batch_size, seed=seed,
-                               samples=args.samples, steps=args.steps, log=log)
+                               samples=args.samples, steps=args.steps, levels_only=args.levels, log=log)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -616,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 64)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of an export's split and masks")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when present")
+    p.add_argument("--levels", action="store_true", help="only the per-level table: CE at commit, each level's "
+                   "path now (and its drift), the whole stack (skips the grid, the bound and the samples)")
     p.add_argument("--json", metavar="FILE", help="write the whole report as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="plot CE against noise level, one curve per stage")
 

@@ -265,6 +265,7 @@ def evaluate_denoiser(
     sample_length: int | None = None,
     modes: Sequence[str] | None = None,
     steps: int = 64,
+    levels_only: bool = False,
     log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Everything ``grow eval`` reports for a loaded denoiser (``grow.inference.Loaded``).
@@ -310,6 +311,8 @@ def evaluate_denoiser(
         levels.append(entry)
     report["levels"] = levels
     log(f"eval: CE per level ({time.perf_counter() - start:.1f}s)")
+    if levels_only:
+        return report
     report["grid"] = {"whole": [{"ratio": r, "ce": heldout_ce(whole, heldout, r, **kw)} for r in grid]}
     for k, path in paths.items():
         if tuple(path) != (first, last):
@@ -346,7 +349,7 @@ def evaluate_denoiser(
     return report
 
 
-def levels_table(levels: list[dict[str, Any]], num_blocks: int) -> list[str]:
+def levels_table(levels: list[dict[str, Any]]) -> list[str]:
     """CE per schedule level: at commit, the level's path now (and its drift), the whole stack."""
     lines = [f"{'level':>5}  {'r_k':>6}  {'stage at commit':>15}  {'path now':>9}  {'drift':>7}  {'whole stack':>11}  path"]
     for e in levels:
@@ -364,7 +367,9 @@ def format_report(report: dict[str, Any]) -> str:
     first, last = report["blocks"]
     lines = [f"{report['source']} {report['path']}: blocks {first}..{last}, "
              f"{report['heldout']['sequences']} held-out sequences of {report['heldout']['seq_len']}"]
-    lines += levels_table(report["levels"], report["num_blocks"])
+    lines += levels_table(report["levels"])
+    if "grid" not in report:  # --levels
+        return "\n".join(lines)
     grid = report["grid"]["whole"]
     lines.append("ratio      " + "  ".join(f"{g['ratio']:>6.2f}" for g in grid))
     for key, curve in report["grid"].items():

@@ -10,7 +10,6 @@ suffix saw at r_{k+1}, and what makes every stage's held-out CE comparable.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
