@@ -145,6 +145,9 @@ class CurriculumConfig:
     final_steps: int = 0
     """Steps of the final whole-stack stage after growth (t ~ U(0, 1) through every block);
     0 = no final stage."""
+    final_trains: Literal["adapters", "free_block", "both"] = "adapters"
+    """What the final stage trains: every block's LoRA adapter on its 4-bit weights; only the
+    blocks no level's own path uses, in full precision (block 1 grown right to left); or both."""
     anchor: float = 0.0
     """Depth-tied curricula: the share of each batch a stage spends keeping the level paths it
     changes where their own stages left them (each such path at its own r_j); 0 = off."""

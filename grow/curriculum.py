@@ -190,16 +190,31 @@ def changed_levels(spec: StageSpec, paths: dict[int, tuple[int, int]]) -> tuple[
     changes every path.
     """
     trained = set(spec.train) | set(spec.adapters)
+    own = (spec.first, spec.last)  # the stage's own rows already run this path
     return tuple(k for k, (a, b) in sorted(paths.items())
-                 if k != spec.level and spec.first <= a and b <= spec.last and trained & set(range(a, b + 1)))
+                 if k != spec.level and (a, b) != own and spec.first <= a and b <= spec.last
+                 and trained & set(range(a, b + 1)))
 
 
 def final_stage(cfg: GrowConfig, index: int) -> StageSpec:
-    """The whole stack on t ~ U(0, 1): every block frozen in 4-bit with trainable adapters
-    (QLoRA over the whole model), so its cost is a QLoRA pass and the export merges it."""
-    L = cfg.model.num_blocks
-    return StageSpec(index=index, label="whole", first=1, last=L, train=(), adapters=tuple(range(1, L + 1)),
-                     trains_ends=False, noise=Noise(0.0, 1.0), steps=cfg.curriculum.final_steps)
+    """The whole stack on t ~ U(0, 1), after growth (``curriculum.final_trains``):
+
+    adapters     every block frozen in 4-bit with a trainable adapter: QLoRA over the whole
+                 model, so it costs a QLoRA pass and the export merges it;
+    free_block   only the blocks no level's own path uses (block 1 grown right to left, block L
+                 left to right) train, in full precision: every other path is left bitwise as
+                 growth made it;
+    both         the free blocks in full precision and every other block's adapter.
+    """
+    L, trains = cfg.model.num_blocks, cfg.curriculum.final_trains
+    paths = level_paths(cfg) or {}
+    used = {b for k, (a, z) in paths.items() if (a, z) != (1, L) for b in range(a, z + 1)}
+    free = tuple(k for k in range(1, L + 1) if k not in used)
+    train = free if trains in ("free_block", "both") else ()
+    adapters = tuple(k for k in range(1, L + 1) if k not in train) if trains in ("adapters", "both") else ()
+    return StageSpec(index=index, label="whole", first=1, last=L, train=train,
+                     adapters=adapters if cfg.lora.enabled else (), trains_ends=False, noise=Noise(0.0, 1.0),
+                     steps=cfg.curriculum.final_steps)
 
 
 def level_paths(cfg: GrowConfig) -> dict[int, tuple[int, int]] | None:
