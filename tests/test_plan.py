@@ -19,6 +19,7 @@ import torch
 from grow.cli import main
 from grow.config import LoraConfig, QuantConfig, StabilityConfig, load_config
 from grow.model import GrowModel, add_stability, hf_config
+from grow.curriculum import stage_specs
 from grow.plan import (
     Parallel,
     adamw_state_bytes,
@@ -379,7 +380,10 @@ def test_render_prints_every_stage_of_a_deep_model():
 def test_every_shipped_config_validates_and_plans(path):
     cfg = load_config(path)
     p = plan(cfg)
-    assert len(p.stages) == cfg.model.num_blocks and p.peak.total > 0
+    # One planned row per stage the curriculum yields (joint runs have one, left-to-right
+    # with periodic joint stages more than num_blocks), each named like its stage directory.
+    assert [s.name for s in p.stages] == [spec.name for spec in stage_specs(cfg)]
+    assert p.peak.total > 0
 
 
 @pytest.mark.parametrize("name, shape", [
