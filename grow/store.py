@@ -383,7 +383,7 @@ def leftovers(run: Path) -> list[tuple[Path, str]]:
     for path in sorted(run.iterdir()):
         if ".tmp-" in path.name:
             found.append((path, "an interrupted write"))
-    committed = {s.name for s in list_stages(run)}
+    committed = {s.name for s in list_stages(run).values()}
     root = run / "checkpoints"
     if root.is_dir():
         for path in sorted(root.iterdir()):
