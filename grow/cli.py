@@ -6,6 +6,7 @@ User mistakes raise ``UserError``; ``main`` prints them as one line and exits wi
 from __future__ import annotations
 
 import argparse
+import errno
 import shutil
 import sys
 import time
@@ -30,8 +31,11 @@ def _log_to(run: Path | None):
         tqdm.write(line, file=sys.stdout)
         sys.stdout.flush()
         if run is not None and run.is_dir():
-            with open(run / "train.log", "a") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+            try:
+                with open(run / "train.log", "a") as f:
+                    f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+            except OSError:  # a full disk must not stop training over a log line (it was printed)
+                pass
 
     return log
 
@@ -674,7 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set train.steps=50 (repeatable; value is YAML)")
     p.add_argument("--resume", action="store_true",
                    help="continue a run from its newest valid mid-stage checkpoint, or after its newest stage")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start afresh")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out with a fresh start (only "
+                   "once the new start's config and data have checked out)")
     p.add_argument("--deepspeed", metavar="JSON",
                    help="run every stage under DeepSpeed ZeRO with this config (see ds_configs/); "
                    "launch with `deepspeed --num_gpus N --module grow train ...` for several processes")
@@ -845,6 +850,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, StorageError):  # the OS refused a write: not the user's input, but one line
             print(f"grow: error: {exc}", file=sys.stderr)
             return 1
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            # Anywhere else (a log, metrics, a report): stages and checkpoints are written whole or not at all.
+            print(f"grow: error: {exc.strerror}: {exc.filename or 'a write'}; every stage and checkpoint "
+                  "committed before is intact", file=sys.stderr)
+            return 1
         if not isinstance(exc, Preempted):
             raise
         print(f"grow: {exc}; continue with --resume", file=sys.stderr)
@@ -854,6 +864,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _closed_pipe()
     return code or 0
+
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
 
 
 def _closed_pipe() -> int:

@@ -343,6 +343,10 @@ def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after
                 raise StorageError(f"{exc} ({kept}); make room and continue with grow train "
                                    f"{run / 'grow.yaml'} --out {run} --resume") from None
             shutil.rmtree(checkpoint_root(run, spec.name), ignore_errors=True)  # superseded by the stage
+            try:  # an empty checkpoints/ too: a resumed run ends with an uninterrupted run's files
+                checkpoint_root(run, spec.name).parent.rmdir()
+            except OSError:
+                pass
             log(f"{spec.name} committed: held-out masked CE at {spec.noise.describe()} is "
                 f"{result.heldout_ce:.4f} ({result.seconds:.1f} s)")
         backend.barrier()

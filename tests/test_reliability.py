@@ -36,7 +36,8 @@ def snapshot(run: Path) -> dict[str, bytes]:
 
 
 def file_set(run: Path) -> set[str]:
-    return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()}
+    """Every file and directory under ``run``."""
+    return {str(p.relative_to(run)) for p in run.rglob("*")}
 
 
 @pytest.fixture(scope="module")
@@ -448,3 +449,19 @@ def test_sampling_past_the_trained_length_warns(base, capsys):
     assert "more than the 32 the model was trained on (data.seq_len)" in capsys.readouterr().err
     assert main(["sample", str(base), "--length", "16", "--mode", "iterative", "--steps", "4"]) == 0
     assert "data.seq_len" not in capsys.readouterr().err
+
+
+def test_permission_denied_anywhere_else_is_one_line(base, tmp_path, capsys, monkeypatch):
+    """issue 11 row 7: an OS refusal outside the stage and export writers (here EACCES on eval's
+    --json report) is still one line naming the path, exit 1, no traceback."""
+    import grow.cli
+
+    target = tmp_path / "report.json"
+
+    def denied(path, text):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(grow.cli, "write_text_atomic", denied)
+    assert main(["eval", str(base), "--levels", "--json", str(target)]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert f"Permission denied: {target}" in line and "intact" in line
