@@ -125,10 +125,13 @@ def _prepare_run(cfg, run: Path, args, specs, from_stage):
     replaces what was at ``run``: a failed start leaves everything as it was.
     """
     from grow.data import load_corpus
-    from grow.store import write_run_manifest
+    from grow.store import write_run_config, write_run_manifest
 
     if run.exists() and not run.is_dir():
         raise UserError(f"--out: {run} exists and is not a directory")
+    inside = next((p for p in run.absolute().parents if (p / "grow.yaml").is_file()), None)
+    if inside is not None:
+        raise UserError(f"--out: {run} is inside the grow run {inside}; choose a directory outside every run")
     exists = run.is_dir() and any(run.iterdir())
     if exists and not (args.resume or args.overwrite):
         raise UserError(f"--out: {run} exists and is not empty; pass --resume to continue it or --overwrite to replace it")
@@ -136,8 +139,7 @@ def _prepare_run(cfg, run: Path, args, specs, from_stage):
         _check_resume(cfg, run, exists, specs, from_stage)
         log = _log_to(run)
         corpus = load_corpus(cfg.data, run / "tokenizer", cfg.train.seed, log=log)
-        write_text_atomic(run / "grow.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        write_run_manifest(run)
+        write_run_config(run, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return corpus, log
     import os
 

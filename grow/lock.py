@@ -65,8 +65,13 @@ class DirLock:
         self.command = command
         self.flag = flag
         self.fd: int | None = None
+        self.created: list[Path] = []  # parent directories this lock created (removed again if left empty)
 
     def acquire(self) -> DirLock:
+        missing = self.path.parent
+        while not missing.exists():
+            self.created.append(missing)
+            missing = missing.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -118,6 +123,11 @@ class DirLock:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None
+        for directory in self.created:  # deepest first: a failed start leaves no empty parents behind
+            try:
+                directory.rmdir()
+            except OSError:
+                break
 
     def __enter__(self) -> DirLock:
         return self.acquire()

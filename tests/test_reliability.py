@@ -90,10 +90,10 @@ def test_overwrite_replaces_only_with_a_complete_start(run, corpus):
 def test_failed_start_leaves_nothing_and_says_what_to_do(tmp_path, corpus, capsys, monkeypatch):
     """issue 11 row 6: a start refused by its config leaves no directory, so the retry just works;
     a start that fails once training began leaves a run that --resume continues, and says so."""
-    run = tmp_path / "new"
+    run = tmp_path / "runs" / "new"
     assert train(run, corpus, extra=["--set", "model.vocab_size=100"]) == 2
     assert "model.vocab_size" in one_line(capsys.readouterr().err)
-    assert list(tmp_path.iterdir()) == []  # not even a lock file or a temp start
+    assert list(tmp_path.iterdir()) == []  # not even a lock file, a temp start or the parent it made
 
     import grow.stages
 
@@ -110,7 +110,39 @@ def test_failed_start_leaves_nothing_and_says_what_to_do(tmp_path, corpus, capsy
     assert sorted(list_stages(run, verify=True)) == [1, 2, 3]
 
 
+def test_train_into_a_run_or_stage_is_refused(run, corpus, capsys):
+    """issue 11 rows 1 and 4: `train --overwrite` cannot replace a stage (or anything inside a run)."""
+    before = snapshot(run)
+    capsys.readouterr()
+    assert train(run / "stage-03-block01", corpus, "--overwrite") == 2
+    assert "is inside the grow run" in one_line(capsys.readouterr().err)
+    assert snapshot(run) == before
+
+
 # --------------------------------------------------------------------------- rows 2 and 10: hashes
+
+
+def test_a_crash_while_grow_yaml_is_rewritten_leaves_a_valid_pair(run, corpus, monkeypatch):
+    """issue 11 row 2: a resume that changes grow.yaml (train.lr) first lets run.json accept the
+    old and the new content, so a crash between the two writes leaves a run that still loads."""
+    import grow.store
+    from grow.store import run_problem
+
+    real = grow.store.write_text_atomic
+
+    def crash(path, text):
+        if Path(path).name == "grow.yaml":
+            raise KeyboardInterrupt  # killed right before grow.yaml is replaced
+        real(path, text)
+
+    monkeypatch.setattr(grow.store, "write_text_atomic", crash)
+    with pytest.raises(KeyboardInterrupt):
+        grow.store.write_run_config(run, (run / "grow.yaml").read_text().replace("lr: ", "lr: 1.0e-4 #"))
+    monkeypatch.undo()
+    assert '"previous"' in (run / "run.json").read_text()  # the first write happened
+    assert run_problem(run) is None
+    assert train(run, corpus, "--resume", extra=["--set", "train.lr=1e-4"]) == 0
+    assert run_problem(run) is None and "previous" not in (run / "run.json").read_text()
 
 
 def test_edited_grow_yaml_or_tokenizer_is_refused(run, corpus, capsys):
