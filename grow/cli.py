@@ -161,8 +161,7 @@ def _prepare_run(cfg, run: Path, args, specs, from_stage):
 def _check_resume(cfg, run: Path, exists: bool, specs, from_stage) -> None:
     """What --resume needs of the stored run: a run, unchanged files, the same architecture and engine."""
     from grow.checkpoint import checkpoint_engine, checkpoint_root, latest_checkpoint
-    from grow.config import GrowConfig, from_dict
-    from grow.stages import committed
+    from grow.stages import committed, read_run_config
     from grow.store import check_run_files
 
     if not exists:
@@ -172,7 +171,7 @@ def _check_resume(cfg, run: Path, exists: bool, specs, from_stage) -> None:
         raise UserError(f"--resume: {run} is not a grow run (no grow.yaml); start afresh there with --overwrite")
     check_run_files(run, _log_to(run))
     # Through today's dataclasses, so a field added since the run started counts at its default.
-    old = from_dict(GrowConfig, yaml.safe_load(stored.read_text()))
+    old = read_run_config(run)
     changed = critical_changes(old.to_dict(), cfg.to_dict())
     if changed:
         raise UserError(f"--resume: architecture-critical settings differ from the stored run: {', '.join(changed)}")
@@ -257,15 +256,14 @@ def set_aside(run: Path, specs, log) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int | None:
     from grow.checkpoint import checkpoint_root, latest_checkpoint
-    from grow.config import GrowConfig, from_dict
     from grow.curriculum import level_paths, stage_specs
     from grow.evaluate import levels_table
-    from grow.stages import committed, invalid_next, repair_command
+    from grow.stages import committed, invalid_next, read_run_config, repair_command
     from grow.store import leftovers, list_stages, require_run, run_problem, stage_paths, stage_problem
     from grow.units import format_bytes
 
     run = require_run(Path(args.run))
-    config = from_dict(GrowConfig, yaml.safe_load((run / "grow.yaml").read_text()))
+    config = read_run_config(run)
     specs = stage_specs(config)
     stages, problem = committed(run, specs, verify=args.verify)
     listed = list_stages(run, verify=args.verify)

@@ -115,6 +115,19 @@ def repair_command(run: Path, cfg: GrowConfig, index: int) -> str:
     return f"grow train {Path(run) / 'grow.yaml'} --out {run} --from-stage {index}{ds}"
 
 
+def read_run_config(run: Path) -> GrowConfig:
+    """The run's config from grow.yaml; one line (the hash problem when there is one) if unreadable."""
+    from grow.config import from_dict
+    from grow.store import run_problem
+
+    path = Path(run) / "grow.yaml"
+    try:
+        return from_dict(GrowConfig, yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, UserError, UnicodeDecodeError, TypeError, AttributeError) as exc:
+        reason = run_problem(run) or str(exc).splitlines()[0]
+        raise UserError(f"RUN: {path} cannot be read: {reason}") from None
+
+
 def load_run(run: Path, device: torch.device | str = "cpu", *, require_complete: bool = False,
              log: Log | None = None):
     """(config, model, tokenizer, spec) of a run as its newest committed stage left it, in eval mode.
@@ -125,12 +138,11 @@ def load_run(run: Path, device: torch.device | str = "cpu", *, require_complete:
     committed stages are broken in the middle is refused with the command that repairs it;
     an unfinished run is loaded as far as it goes.
     """
-    from grow.config import from_dict
     from grow.data import load_tokenizer
 
     run = require_run(Path(run))
     check_run_files(run, log)
-    cfg = from_dict(GrowConfig, yaml.safe_load((run / "grow.yaml").read_text()))
+    cfg = read_run_config(run)
     specs = stage_specs(cfg)
     stages, problem = committed(run, specs)
     if problem:
