@@ -359,7 +359,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from grow.plan import fit, plan, read_deepspeed, render
     from grow.units import parse_bytes
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set or [])
     try:
         gpu_memory = parse_bytes(args.gpu_memory)
     except ValueError as exc:
@@ -701,6 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "checkpointing of the suffix), whether it fits, FLOPs per token and the wall time. "
                        "Pure arithmetic: runs in seconds for any shape.")
     p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config field, as for grow train (repeatable)")
     p.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs (default 1)")
     p.add_argument("--gpu-memory", default="80GiB", metavar="SIZE", help="memory per GPU (default 80GiB)")
     p.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config: ZeRO stage, offload, bf16 "
