@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import shutil
 import sys
 import time
@@ -85,14 +86,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     backend = Backend(cfg)
     lock = DirLock(run, "grow train", flag="--out") if backend.is_main else None
     error, corpus, log = None, None, (lambda line: None)
-    if backend.is_main:
-        try:
-            lock.acquire()
-            corpus, log = _prepare_run(cfg, run, args, specs, from_stage)
-        except UserError as exc:
-            error = str(exc)
-    error = _broadcast(backend, error)
     try:
+        if backend.is_main:
+            try:
+                lock.acquire()
+                corpus, log = _prepare_run(cfg, run, args, specs, from_stage)
+            except UserError as exc:
+                error = str(exc)
+        error = _broadcast(backend, error)
         if error is not None:
             raise UserError(error)
         if not backend.is_main:
@@ -141,8 +142,6 @@ def _prepare_run(cfg, run: Path, args, specs, from_stage):
         corpus = load_corpus(cfg.data, run / "tokenizer", cfg.train.seed, log=log)
         write_run_config(run, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return corpus, log
-    import os
-
     tmp = run.absolute().with_name(f".{run.absolute().name}.start-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -203,8 +202,6 @@ def _check_model_shape(cfg, tokenizer) -> None:
 
 def _replace_run(tmp: Path, run: Path) -> None:
     """Put the complete start ``tmp`` at ``run``; an old run there is removed only after that."""
-    import os
-
     from grow.store import fsync_dir
 
     old = None
@@ -877,8 +874,6 @@ def _closed_pipe() -> int:
     stdout is pointed at /dev/null so the interpreter's final flush does not complain either;
     the exit code is the shell's for a process ended by SIGPIPE.
     """
-    import os
-
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
