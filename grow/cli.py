@@ -410,7 +410,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     loaded = load_denoiser(args.model, device)
     ids = loaded.tokenizer(args.prompt, add_special_tokens=False)["input_ids"] if args.prompt else []
     trained = loaded.config.data.seq_len if loaded.config is not None else loaded.meta.get("seq_len")
-    if trained and len(ids) + args.length > trained:
+    positions = getattr(loaded.model.config, "max_position_embeddings", None) or float("inf")
+    if trained and trained < len(ids) + args.length <= positions:  # past the positions: an error follows
         print(f"warning: {len(ids) + args.length} tokens (prompt + --length) is more than the {trained} the model "
               "was trained on (data.seq_len); quality past that length is untested", file=sys.stderr)
     if args.mode in ("depth", "suffix") and loaded.paths is None:
