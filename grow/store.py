@@ -134,7 +134,10 @@ except ImportError:  # older safetensors: its I/O errors are OSErrors
 def storage_reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror + (f" ({exc.filename})" if exc.filename else "")
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    # safetensors wraps the OS's words: 'IoError(Os { code: 28, ..., message: "No space left on device" })'
+    found = re.search(r'message: "([^"]+)"', text)
+    return found[1] if found else text
 
 
 def save_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_size: str) -> None:

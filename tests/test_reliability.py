@@ -404,6 +404,36 @@ def test_disk_full_during_a_stage_commit_is_one_line_and_resumable(tmp_path, cor
     assert sorted(list_stages(run, verify=True)) == [1, 2, 3]
 
 
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, corpus, capsys, monkeypatch):
+    """issue 11 row 7: safetensors' own ENOSPC error while a mid-stage checkpoint is written: exit 1,
+    one line naming the checkpoint and the one kept, no temp directory; --resume continues from it."""
+    import grow.checkpoint
+    from safetensors import SafetensorError
+
+    real = grow.checkpoint.save_file
+    calls = []
+
+    def full_disk(tensors, path, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                  'message: "No space left on device" })')
+        return real(tensors, path, **kwargs)
+
+    monkeypatch.setattr(grow.checkpoint, "save_file", full_disk)
+    run = tmp_path / "run"
+    assert train(run, corpus, extra=["--set", "train.checkpoint_every=1"]) == 1
+    line = one_line(capsys.readouterr().err)
+    root = run / "checkpoints" / "stage-01-block03"
+    assert f"writing the checkpoint {root / 'step-00000002'} failed: No space left on device;" in line
+    assert "kept the checkpoints step-00000001 of stage-01-block03" in line
+    assert [p.name for p in root.iterdir()] == ["step-00000001"]
+    monkeypatch.undo()
+    assert train(run, corpus, "--resume", extra=["--set", "train.checkpoint_every=1"]) == 0
+    assert "resuming at step 1/4" in capsys.readouterr().out
+    assert sorted(list_stages(run, verify=True)) == [1, 2, 3]
+
+
 def test_disk_full_during_an_export_is_one_line(run, tmp_path, capsys, monkeypatch):
     """issue 11 row 7: OSError(ENOSPC) while the export writes: exit 1, one line naming the
     export, nothing left at --out or beside it, the run untouched."""
