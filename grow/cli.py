@@ -206,7 +206,7 @@ def _replace_run(tmp: Path, run: Path) -> None:
 
     old = None
     if run.is_dir() and any(run.iterdir()):
-        old = tmp.with_name(f".{tmp.name}.old")
+        old = run.absolute().with_name(f".{run.absolute().name}.old-{os.getpid()}")
         os.rename(run, old)
     elif run.is_dir():
         run.rmdir()
