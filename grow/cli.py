@@ -201,20 +201,42 @@ def _check_model_shape(cfg, tokenizer) -> None:
 
 
 def _replace_run(tmp: Path, run: Path) -> None:
-    """Put the complete start ``tmp`` at ``run``; an old run there is removed only after that."""
+    """Put the complete start ``tmp`` at ``run``; an old run there is removed only after that.
+
+    Over an old run the two directories are exchanged in one step where the kernel can
+    (renameat2 RENAME_EXCHANGE), so no moment exists at which RUN is missing; elsewhere the old
+    run is renamed aside first.
+    """
     from grow.store import fsync_dir
 
     old = None
     if run.is_dir() and any(run.iterdir()):
-        old = run.absolute().with_name(f".{run.absolute().name}.old-{os.getpid()}")
-        os.rename(run, old)
-    elif run.is_dir():
-        run.rmdir()
-    run.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(tmp, run)
+        if _exchange(tmp, run):
+            old = tmp
+        else:
+            old = run.absolute().with_name(f".{run.absolute().name}.old-{os.getpid()}")
+            os.rename(run, old)
+            os.rename(tmp, run)
+    else:
+        if run.is_dir():
+            run.rmdir()
+        run.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp, run)
     fsync_dir(run.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 with RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        rename = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return rename(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
 
 
 def _broadcast(backend, value):
