@@ -28,7 +28,10 @@ STALE_FOREIGN_SECONDS = 24 * 3600
 
 
 def lock_path(directory: Path) -> Path:
-    directory = Path(directory).absolute()
+    """``PARENT/.NAME.lock`` of the resolved directory (two spellings of one run share a lock)."""
+    directory = Path(directory).resolve()
+    if not directory.name:
+        raise UserError(f"{directory}: a run or export needs a directory of its own, not the file system root")
     return directory.with_name(f".{directory.name}.lock")
 
 
@@ -61,13 +64,17 @@ class DirLock:
 
     def __init__(self, directory: Path, command: str, flag: str = "RUN") -> None:
         self.directory = Path(directory)
-        self.path = lock_path(self.directory)
         self.command = command
         self.flag = flag
         self.fd: int | None = None
+        self.path = self.directory  # until acquire() resolves it (a bad path is the command's one-line error)
         self.created: list[Path] = []  # parent directories this lock created (removed again if left empty)
 
     def acquire(self) -> DirLock:
+        try:
+            self.path = lock_path(self.directory)
+        except UserError as exc:
+            raise UserError(f"{self.flag}: {exc}") from None
         missing = self.path.parent
         while not missing.exists():
             self.created.append(missing)
