@@ -160,7 +160,7 @@ def _prepare_run(cfg, run: Path, args, specs, from_stage):
 def _check_resume(cfg, run: Path, exists: bool, specs, from_stage) -> None:
     """What --resume needs of the stored run: a run, unchanged files, the same architecture and engine."""
     from grow.checkpoint import checkpoint_engine, checkpoint_root, latest_checkpoint
-    from grow.stages import committed, read_run_config
+    from grow.stages import committed, read_run_config, repair_command
     from grow.store import check_run_files
 
     if not exists:
@@ -174,8 +174,12 @@ def _check_resume(cfg, run: Path, exists: bool, specs, from_stage) -> None:
     changed = critical_changes(old.to_dict(), cfg.to_dict())
     if changed:
         raise UserError(f"--resume: architecture-critical settings differ from the stored run: {', '.join(changed)}")
-    stages, _ = committed(run, specs, verify=False)
-    if len(stages) >= len(specs) or (from_stage is not None and from_stage.index <= len(stages) + 1):
+    stages, problem = committed(run, specs, verify=False)  # sizes only; grow_run checks every hash
+    if from_stage is not None and from_stage.index <= len(stages) + 1:
+        return  # the stages from there on are set aside
+    if problem:
+        raise UserError(f"RUN: {problem}; re-run from it with {repair_command(run, old, len(stages) + 1)}")
+    if len(stages) >= len(specs):
         return
     ckpt = latest_checkpoint(checkpoint_root(run, specs[len(stages)].name), log=lambda line: None)
     if ckpt is None:
