@@ -102,8 +102,7 @@ def manifest_checksum(data: dict[str, Any]) -> str:
 
 def write_manifest(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     """Write a manifest atomically with its own checksum; returns what was written."""
-    data = {**{k: v for k, v in data.items() if k != CHECKSUM}}
-    data[CHECKSUM] = manifest_checksum(data)
+    data = {**{k: v for k, v in data.items() if k != CHECKSUM}, CHECKSUM: manifest_checksum(data)}
     write_json_atomic(path, data)
     return data
 
