@@ -349,6 +349,11 @@ def cmd_status(args: argparse.Namespace) -> int | None:
                   f"{format_bytes(q['bytes']):>12}  {q['bytes_per_param']:>7.3f}  "
                   f"{mem['adapters']['params']:>9,}  {format_bytes(mem['peak_bytes']):>10}  {mem['peak_kind']}")
     ds = f" --deepspeed {config.train.deepspeed}" if config.train.deepspeed else ""
+    from grow.lock import holder
+
+    writer = holder(run)
+    if writer is not None:
+        print(f"\nbeing written now by {writer}")
     found = leftovers(run)
     if found:
         print("\nleftovers (removed when the run continues): "

@@ -59,6 +59,19 @@ def _describe(holder: dict) -> str:
             f"since {holder.get('since')})")
 
 
+def holder(directory: Path) -> str | None:
+    """Who is writing ``directory`` now, as a phrase, or None. Only reads the record (a reader
+    must never take the lock, even briefly: a writer starting at that moment would be refused)."""
+    try:
+        path = lock_path(directory)
+    except UserError:
+        return None
+    record = _holder(path) if path.is_file() else {}
+    if not record or (record.get("host") == socket.gethostname() and not _alive(int(record.get("pid", 0)))):
+        return None
+    return _describe(record)
+
+
 class DirLock:
     """``with DirLock(run, "grow train", flag="--out"):`` -- raises ``UserError`` when held elsewhere."""
 

@@ -221,6 +221,8 @@ def test_a_second_writer_is_refused_naming_the_holder(run, corpus, capsys, tmp_p
             holders.append(proc)
         before = snapshot(run)
         capsys.readouterr()
+        assert main(["status", str(run)]) == 0
+        assert f"being written now by grow train (pid {holders[0].pid}" in capsys.readouterr().out
         assert train(run, corpus, "--resume") == 2
         line = one_line(capsys.readouterr().err)
         assert f"pid {holders[0].pid}" in line and "is being written by grow train" in line
@@ -232,6 +234,8 @@ def test_a_second_writer_is_refused_naming_the_holder(run, corpus, capsys, tmp_p
             proc.kill()
             proc.wait()
     # The holders died: their locks are stale and taken over at once.
+    assert main(["status", str(run)]) == 0
+    assert "being written now" not in capsys.readouterr().out  # a dead holder's record is not a writer
     assert train(run, corpus, "--resume") == 0
     assert main(["export", str(run), "--out", str(export), "--overwrite"]) == 0
     assert not list(run.parent.glob(".*.lock"))
