@@ -109,9 +109,12 @@ def save_checkpoint(root: Path, step: int, model, blocks, engine, losses: list[f
         if engine.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         kept = sorted(p.name for p in root.glob("step-*"))
+        run = root.parent.parent
         raise StorageError(f"writing the checkpoint {final} failed: {storage_reason(exc)}; kept "
                            + (f"the checkpoints {', '.join(kept)} of {root.name}" if kept else
-                              "the committed stages (no earlier checkpoint of this stage)")) from None
+                              "the committed stages (no earlier checkpoint of this stage)")
+                           + f"; make room and continue with grow train {run / 'grow.yaml'} --out {run} --resume"
+                           ) from None
     return final
 
 

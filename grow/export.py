@@ -499,7 +499,7 @@ def _export(run: Path, out: Path, *, dtype, merge_into, max_shard_size, overwrit
         shutil.rmtree(tmp, ignore_errors=True)
         kept = f"{out} is as it was" if out.exists() else f"nothing was written to {out}"
         raise StorageError(f"writing the export {out} failed: {storage_reason(exc)}; {kept}, the run is "
-                           "untouched") from None
+                           "untouched; make room and run the export again") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

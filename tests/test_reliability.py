@@ -430,7 +430,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, corpus, 
     line = one_line(capsys.readouterr().err)
     root = run / "checkpoints" / "stage-01-block03"
     assert f"writing the checkpoint {root / 'step-00000002'} failed: No space left on device;" in line
-    assert "kept the checkpoints step-00000001 of stage-01-block03" in line
+    assert "kept the checkpoints step-00000001 of stage-01-block03" in line and line.endswith("--resume")
     assert [p.name for p in root.iterdir()] == ["step-00000001"]
     monkeypatch.undo()
     assert train(run, corpus, "--resume", extra=["--set", "train.checkpoint_every=1"]) == 0
