@@ -106,8 +106,8 @@ def _adapters(frozen: list[int], near: int, window: int | None, enabled: bool) -
 
 
 def _total_steps(cfg: GrowConfig) -> int:
-    steps = cfg.train.steps
-    return sum(steps) if isinstance(steps, list) else steps
+    """What growth would spend on its blocks: train.steps summed (one number = per block)."""
+    return sum(cfg.steps_for(k) for k in range(1, cfg.model.num_blocks + 1))
 
 
 def band(ratios: list[float], k: int, factor: float) -> Noise:

@@ -82,6 +82,8 @@ def test_joint_trains_everything_at_once_for_the_whole_budget_and_a_final_stage_
     (spec,) = stage_specs(cfg)
     assert (spec.label, spec.train, spec.trains_ends, spec.noise, spec.steps) == (
         "joint", (1, 2, 3, 4), True, Noise(0.0, 1.0), 10)
+    # one number is the steps of every growth stage, so the joint budget is L times it
+    assert stage_specs(cfg_of("curriculum.kind=joint", "curriculum.time=input"))[0].steps == 4 * 5
     final = stage_specs(cfg_of("curriculum.final_steps=9"))[-1]
     assert (final.name, final.first, final.last, final.train, final.adapters, final.trains_ends, final.steps) == (
         "stage-05-whole", 1, 4, (), (1, 2, 3, 4), False, 9)
