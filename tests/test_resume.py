@@ -116,6 +116,8 @@ def test_killed_process_resumes_identically(tmp_path, corpus, reference, sig):
         assert proc.returncode == -signal.SIGKILL
     assert main(["train", "configs/tiny.yaml", "--out", str(run), "--resume", *sets(corpus)]) == 0
     assert_same_run(reference, run)
+    # issue 11 row 9: no leftovers either -- the very files (and directories) of the uninterrupted run
+    assert {p.relative_to(run) for p in run.rglob("*")} == {p.relative_to(reference) for p in reference.rglob("*")}
 
 
 def test_from_stage_sets_later_stages_aside_and_regrows(tmp_path, corpus, reference):
