@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from grow.config import GrowConfig
+from grow.convert import block_stability
 from grow.curriculum import StageSpec
 from grow.errors import UserError
 from grow.model import GrowModel, add_stability, hf_config
@@ -126,7 +127,7 @@ def assemble(cfg: GrowConfig, tokenizer, spec: StageSpec, state: RunState, devic
         else:
             raise ValueError(f"{spec.name}: block {k} is frozen but no stored stage trained it")
         if training and k in spec.train:
-            add_stability(block, cfg.stability)
+            add_stability(block, block_stability(cfg))
         model.set_block(k, block.to(device))
     model.to(device)
     _freeze(model, spec, cfg, device, adapters, training)

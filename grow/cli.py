@@ -131,6 +131,10 @@ def _prepare_run(cfg, run: Path, args, log):
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
     try:
+        if cfg.model.init_from:  # the checkpoint's tokenizer (+ a mask token) is the run's
+            from grow.convert import save_run_tokenizer
+
+            save_run_tokenizer(cfg.model.init_from, run / "tokenizer", log)
         corpus = load_corpus(cfg.data, run / "tokenizer", cfg.train.seed, log=log)
     except UserError:
         if created or args.overwrite:
