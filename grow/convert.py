@@ -190,6 +190,7 @@ def block_stability(cfg):
 def load_source(path: str):
     """The checkpoint as transformers' own causal-LM class loads it, on the CPU, in its stored dtype."""
     transformers = _quiet_transformers()
+    transformers.utils.logging.disable_progress_bar()  # a bar per load tells a run's log nothing
     try:
         return transformers.AutoModelForCausalLM.from_pretrained(_local(path), dtype="auto").eval()
     except Exception as exc:
