@@ -7,8 +7,9 @@ Training, resume, evaluation, sampling and export all build a model the same way
 
 Each stage stores exactly what it trained, so after the committed stages
 
-- block k's weights are in the latest stage that trained block k (folded, full precision);
-- the embedding, final norm and head are in the latest stage that trained them;
+- block k's weights are in the latest stage that trained block k (folded, full precision),
+  or converted it from a pretrained checkpoint (``grow.convert``);
+- the embedding, final norm and head are in the latest stage that trained (or converted) them;
 - the LoRA adapters of every frozen block are in the latest stage's adapter file (each stage
   stores the whole set: the ones it trained and the ones it kept frozen).
 
@@ -81,14 +82,14 @@ class RunState:
 
     def block(self, block_id: int) -> dict[str, torch.Tensor] | None:
         """Block k's stored tensors (layer and time embedding), or None if no stage trained it."""
-        stage = self._latest(lambda spec: block_id in spec["train"])
+        stage = self._latest(lambda spec: block_id in spec["train"] or _converted(spec, block_id))
         if stage is None:
             return None
         prefixes = block_prefixes(block_id)
         return {k: v for k, v in self._weights(stage).items() if k.startswith(prefixes)}
 
     def ends(self) -> dict[str, torch.Tensor] | None:
-        stage = self._latest(lambda spec: spec["trains_ends"])
+        stage = self._latest(lambda spec: spec["trains_ends"] or spec.get("converted", False))
         return None if stage is None else {k: self._weights(stage)[k] for k in ENDS}
 
     def adapters(self) -> dict[str, torch.Tensor]:
@@ -96,6 +97,11 @@ class RunState:
         if not self.stages or not (self.stages[-1].path / ADAPTER_WEIGHTS).is_file():
             return {}
         return load_file(self.stages[-1].path / ADAPTER_WEIGHTS)
+
+
+def _converted(spec: dict, block_id: int) -> bool:
+    """A convert stage (grow.convert) stores blocks first..last without training them."""
+    return spec.get("converted", False) and spec["first"] <= block_id <= spec["last"]
 
 
 def assemble(cfg: GrowConfig, tokenizer, spec: StageSpec, state: RunState, device: torch.device | str,

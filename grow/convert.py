@@ -211,7 +211,7 @@ def converted_weights(source, tokenizer, added: bool, vocab_size: int, *, blocks
     if vocab_size < embed.shape[0]:
         raise UserError(f"model.vocab_size: {vocab_size} is smaller than the checkpoint's {embed.shape[0]} rows")
     weights = {"model.embed_tokens.weight": _rows(embed, vocab_size),
-               "model.norm.weight": source.model.norm.weight.detach().clone(),
+               "model.norm.weight": source.model.norm.weight.detach(),
                "lm_head.weight": _rows(source.get_output_embeddings().weight, vocab_size)}
     if added:
         mask = tokenizer.mask_token_id
@@ -221,7 +221,8 @@ def converted_weights(source, tokenizer, added: bool, vocab_size: int, *, blocks
     if blocks:
         bias = source.config.model_type == "qwen2" or bool(getattr(source.config, "attention_bias", False))
         for i, layer in enumerate(source.model.layers):
-            state = {f"model.layers.{i}.{k}": v.detach().clone() for k, v in layer.state_dict().items()}
+            # The source's own tensors, not copies: the source is dropped right after.
+            state = {f"model.layers.{i}.{k}": v.detach() for k, v in layer.state_dict().items()}
             o_bias = f"model.layers.{i}.self_attn.o_proj.bias"
             if bias and o_bias not in state:  # Qwen2: EuroBERT's attention_bias gives o_proj one too
                 state[o_bias] = torch.zeros(layer.self_attn.o_proj.out_features, dtype=embed.dtype)
@@ -250,7 +251,8 @@ def convert(path: str, tokenizer, added: bool, vocab_size: int, *, blocks: bool 
 
 def converted_model(cfg, tokenizer, spec, weights: dict[str, torch.Tensor], device="cpu"):
     """The model stage ``convert`` leaves, built from its tensors before they are committed:
-    exactly what ``load_run`` rebuilds from the committed stage (eval mode)."""
+    exactly what ``load_run`` rebuilds from the committed stage (eval mode): every block frozen,
+    in 4-bit with a zero LoRA adapter per quant/lora (full precision with quant.enabled false)."""
     from grow.assemble import RunState, assemble
     from grow.store import Stage
 
@@ -264,7 +266,10 @@ def commit_conversion(cfg, spec, run: Path, corpus, backend, log) -> None:
     """Stage ``convert``: load the checkpoint, store its converted tensors, measure them, commit.
 
     The held-out figures are those of the converted model as ``load_run`` rebuilds it from
-    this stage (full precision, bidirectional, no training): the step-0 reference of the run.
+    this stage (bidirectional, no training, every block frozen as the adapt stages hold them:
+    4-bit when quant.enabled): the step-0 reference of the run. Memory: the checkpoint once in
+    CPU memory in its stored dtype (the converted tensors share it), then one frozen model on
+    the device -- what an adapt stage holds, less its one full-precision block.
     """
     import time
 
@@ -279,10 +284,10 @@ def commit_conversion(cfg, spec, run: Path, corpus, backend, log) -> None:
     _, added = source_tokenizer(path)
     tokenizer = corpus.tokenizer
     log(f"{spec.name}: converting {src_cfg.model_type} checkpoint {path} ({src_cfg.num_hidden_layers} layers, "
-        f"{'blocks and ends' if spec.train else 'embedding, norm and head only'})"
+        f"{'blocks and ends' if spec.first <= spec.last else 'embedding, norm and head only'})"
         + (f"; added mask token {tokenizer.mask_token!r} (id {tokenizer.mask_token_id}), rows = mean of the others"
            if added else ""))
-    weights = convert(path, tokenizer, added, cfg.model.vocab_size, blocks=bool(spec.train))
+    weights = convert(path, tokenizer, added, cfg.model.vocab_size, blocks=spec.first <= spec.last)
     reset_peak(backend.device)
     model = converted_model(cfg, tokenizer, spec, weights, backend.device)
     from grow.engine import autocast
@@ -299,7 +304,7 @@ def commit_conversion(cfg, spec, run: Path, corpus, backend, log) -> None:
             "data": {"source": cfg.data.source, "train_sequences": int(corpus.train.shape[0]),
                      "heldout_sequences": int(corpus.heldout.shape[0]), "position": 0},
             "converted_from": {"path": path, "model_type": src_cfg.model_type,
-                               "layers": src_cfg.num_hidden_layers, "blocks": bool(spec.train),
+                               "layers": src_cfg.num_hidden_layers, "blocks": spec.first <= spec.last,
                                "mask_token_added": added, "mask_token": tokenizer.mask_token,
                                "mask_rows": "mean of the existing rows" if added else "the checkpoint's"},
             "schedule": cfg.ratios(), "config": cfg.to_dict(), "versions": versions(),

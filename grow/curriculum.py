@@ -81,7 +81,8 @@ class StageSpec:
     anchor_fraction: float = 0.0
     """Share of each batch's rows spent on the anchor levels (curriculum.anchor)."""
     converted: bool = False
-    """The stage's blocks and ends are taken from model.init_from (grow.convert), not trained."""
+    """The stage stores blocks first..last and the ends as taken from model.init_from
+    (grow.convert); it trains nothing."""
 
     @property
     def name(self) -> str:
@@ -201,13 +202,14 @@ def adapt(cfg: GrowConfig) -> list[StageSpec]:
 
 
 def convert_stage(cfg: GrowConfig) -> StageSpec:
-    """Stage 1 of a run with model.init_from: the checkpoint's ends (and blocks, with
-    model.init_blocks) stored as if trained, 0 steps; measured on t ~ U(0, 1)."""
+    """Stage 1 of a run with model.init_from: it stores the checkpoint's ends (and blocks
+    first..last, with model.init_blocks) and trains nothing (0 steps). Its network is every
+    stored block frozen (4-bit + a zero LoRA adapter, as the adapt stages hold them), measured
+    on t ~ U(0, 1)."""
     L = cfg.model.num_blocks
     blocks = cfg.model.init_blocks
-    return StageSpec(index=1, label="convert", first=1 if blocks else L + 1, last=L,
-                     train=tuple(range(1, L + 1)) if blocks else (), adapters=(), trains_ends=True,
-                     noise=Noise(0.0, 1.0), steps=0, converted=True)
+    return StageSpec(index=1, label="convert", first=1 if blocks else L + 1, last=L, train=(), adapters=(),
+                     trains_ends=False, noise=Noise(0.0, 1.0), steps=0, converted=True)
 
 
 CURRICULA = {"right_to_left": right_to_left, "left_to_right": left_to_right, "joint": joint, "adapt": adapt}

@@ -50,7 +50,7 @@ def test_adapt_specs_orders_and_passes(tmp_path):
     sets = [f"model.init_from={tmp_path}", "data.seq_len=32"]
     specs = stage_specs(load_config("configs/tiny-adapt.yaml", sets))
     assert [s.label for s in specs] == ["convert", "block03", "block02", "block01"]
-    assert specs[0].converted and specs[0].steps == 0 and specs[0].train == (1, 2, 3)
+    assert specs[0].converted and specs[0].steps == 0 and specs[0].train == () and specs[0].frozen == (1, 2, 3)
     for s in specs[1:]:
         assert (s.first, s.last) == (1, 3) and len(s.train) == 1 and s.noise.lo == 0.0 and s.noise.hi == 1.0
         assert set(s.adapters) == {1, 2, 3} - set(s.train)

@@ -49,8 +49,9 @@ def make_checkpoint(path, kind: str = "llama", *, extra_rows: int = 0, mask: boo
 
 
 def config_for(path, *sets):
+    # Full precision: the exact conversion (the 4-bit copy the adapt stages freeze is tested there).
     return load_config(None, [f"model.init_from={path}", "curriculum.kind=adapt", "curriculum.time=input",
-                              "data.seq_len=32", *sets])
+                              "data.seq_len=32", "quant.enabled=false", *sets])
 
 
 @torch.no_grad()
