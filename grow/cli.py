@@ -273,7 +273,13 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from grow.plan import fit, plan, read_deepspeed, render
     from grow.units import parse_bytes
 
-    cfg = load_config(args.config)
+    from grow.convert import CheckpointUnavailable
+
+    try:
+        cfg = load_config(args.config)
+    except CheckpointUnavailable as exc:  # planning needs the shape, not the weights
+        cfg = load_config(args.config, checkpoint=False)
+        print(f"note: {exc}; planning the architecture the config spells out")
     try:
         gpu_memory = parse_bytes(args.gpu_memory)
     except ValueError as exc:

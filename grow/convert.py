@@ -55,6 +55,11 @@ ARCHITECTURE = ("num_blocks", "hidden_size", "num_heads", "num_kv_heads", "inter
                 "rope_scaling")
 
 
+class CheckpointUnavailable(UserError):
+    """model.init_from cannot be read here (offline, not downloaded): ``grow plan`` can still plan
+    a config that spells the architecture out."""
+
+
 def _quiet_transformers():
     import transformers
 
@@ -68,14 +73,14 @@ def source_config(path: str):
     try:
         return transformers.AutoConfig.from_pretrained(_local(path))
     except Exception as exc:  # OSError, ValueError, JSON errors: all mean "not a usable checkpoint"
-        raise UserError(f"{FIELD}: could not load a transformers config from {path!r}: "
+        raise CheckpointUnavailable(f"{FIELD}: could not load a transformers config from {path!r}: "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
 def _local(path: str) -> str:
     p = Path(path).expanduser()
     if path.startswith((".", "/", "~")) and not p.exists():
-        raise UserError(f"{FIELD}: no such checkpoint directory: {path}")
+        raise CheckpointUnavailable(f"{FIELD}: no such checkpoint directory: {path}")
     return str(p) if p.exists() else path
 
 
