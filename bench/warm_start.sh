@@ -3,7 +3,7 @@
 # transformers' Trainer, converted and adapted by grow, against the same shape grown from scratch
 # (right to left) and trained jointly from scratch with the same step budget; held-out masked CE
 # per level through the whole stack (grow eval --levels), and samples from the adapted export.
-#   bash bench/warm_start.sh [OUT]        (~25 min on 2 CPU cores)
+#   bash bench/warm_start.sh [OUT]        (~35 min on 2 CPU cores)
 set -euo pipefail
 OUT=${1:-runs/warm-start}
 PY=${PYTHON:-python}
@@ -22,7 +22,10 @@ SHAPE=(--set model.num_blocks=4 --set model.hidden_size=64 --set model.num_heads
        --set data.tokenizer="$OUT/adapt/tokenizer" --set schedule.ratios=null --set schedule.kind=linear)
 grow train configs/tiny.yaml --out "$OUT/scratch-r2l" "${SHAPE[@]}" "${COMMON[@]}"
 grow train configs/tiny-joint.yaml --out "$OUT/scratch-joint" "${SHAPE[@]}" "${COMMON[@]}"
-for run in convert-only adapt scratch-r2l scratch-joint; do
+WARM=(--set model.init_from="$OUT/causal-llama" --set curriculum.kind=right_to_left --set curriculum.time=depth)
+grow train configs/tiny-adapt.yaml --out "$OUT/warm-r2l-blocks" "${WARM[@]}" "${COMMON[@]}"
+grow train configs/tiny-adapt.yaml --out "$OUT/warm-r2l-ends" "${WARM[@]}" --set model.init_blocks=false "${COMMON[@]}"
+for run in convert-only adapt scratch-r2l scratch-joint warm-r2l-blocks warm-r2l-ends; do
   echo "== $run"; grow eval "$OUT/$run" --levels --json "$OUT/$run.eval.json"
 done
 grow export "$OUT/adapt" --out "$OUT/adapt-export" --overwrite
