@@ -378,18 +378,9 @@ def test_render_prints_every_stage_of_a_deep_model():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_validates_and_plans(path, tmp_path):
-    from grow.convert import CheckpointUnavailable
+    from test_convert import shipped_config
 
-    if path.name == "tiny-adapt.yaml":  # its shape is whatever checkpoint it is given
-        from test_convert import make_checkpoint
-
-        make_checkpoint(tmp_path, "llama")
-        cfg = load_config(path, [f"model.init_from={tmp_path}"])
-    else:
-        try:
-            cfg = load_config(path)
-        except CheckpointUnavailable:  # a pretrained hub checkpoint offline: the config spells out its shape
-            cfg = load_config(path, checkpoint=False)
+    cfg = shipped_config(path, tmp_path)
     p = plan(cfg)
     # One planned row per stage the curriculum yields (joint runs have one, left-to-right
     # with periodic joint stages more than num_blocks), each named like its stage directory.
