@@ -77,6 +77,32 @@ class RunState:
             self._loaded[stage.name] = stage.weights()
         return self._loaded[stage.name]
 
+    def _select(self, stage: Stage, want) -> dict[str, torch.Tensor]:
+        """The tensors of ``stage`` whose names ``want`` accepts.
+
+        A convert stage holds a whole pretrained model (138 GB for a 70B in bf16): its tensors
+        are read one by one from the shards (safetensors' safe_open), so a stage rebuilding its
+        network holds about one block of it in CPU memory at a time. Other stages are small and
+        read whole, once.
+        """
+        if stage.name in self._loaded or not stage.spec.get("converted", False):
+            return {k: v for k, v in self._weights(stage).items() if want(k)}
+        import json
+
+        from safetensors import safe_open
+
+        from grow.store import INDEX
+
+        shards: dict[str, list[str]] = {}
+        for key, shard in json.loads((stage.path / INDEX).read_text())["weight_map"].items():
+            if want(key):
+                shards.setdefault(shard, []).append(key)
+        out = {}
+        for shard, keys in shards.items():
+            with safe_open(str(stage.path / shard), framework="pt") as f:
+                out.update({key: f.get_tensor(key) for key in keys})
+        return out
+
     def _latest(self, trained) -> Stage | None:
         return next((s for s in reversed(self.stages) if trained(s.spec)), None)
 
@@ -86,11 +112,11 @@ class RunState:
         if stage is None:
             return None
         prefixes = block_prefixes(block_id)
-        return {k: v for k, v in self._weights(stage).items() if k.startswith(prefixes)}
+        return self._select(stage, lambda k: k.startswith(prefixes))
 
     def ends(self) -> dict[str, torch.Tensor] | None:
         stage = self._latest(lambda spec: spec["trains_ends"] or spec.get("converted", False))
-        return None if stage is None else {k: self._weights(stage)[k] for k in ENDS}
+        return None if stage is None else self._select(stage, lambda k: k in ENDS)
 
     def adapters(self) -> dict[str, torch.Tensor]:
         """Every frozen block's adapter as the latest stage stored them (peft keys)."""

@@ -185,3 +185,17 @@ def test_plan_of_7b_and_70b_adapt_on_one_80gb_gpu(name, blocks, fits, capsys):
     assert len(rows) == blocks + 1 and rows[0][0] == "stage-01-convert" and rows[0][2] == "0"
     assert rows[1][0] == f"stage-02-block{blocks:02d}" and all(r[-2] == "yes" for r in rows)
     assert ("every stage fits" in out) == fits
+
+
+def test_run_state_reads_a_convert_stage_one_block_at_a_time(adapted):
+    from grow.assemble import RunState
+
+    run, _, _, _ = adapted
+    stages = list_stages(run)
+    whole = stages[1].weights()
+    state = RunState([stages[1]])
+    block = state.block(2)
+    assert block.keys() == {k for k in whole if k.startswith("model.layers.1.")}
+    assert all(torch.equal(block[k], whole[k]) for k in block)
+    assert state.ends().keys() == {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    assert not state._loaded  # nothing was read whole
