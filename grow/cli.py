@@ -63,8 +63,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = list(args.set or [])
     if args.deepspeed:
         overrides.append(f"train.deepspeed={args.deepspeed}")
-    cfg = load_config(args.config, overrides)
     run = Path(args.out)
+    stored_yaml = run / "grow.yaml"
+    # A resumed run's converted model is in its stage 1: its shape stands in for a checkpoint
+    # that is no longer reachable (grow.convert.resolve_init_from).
+    stored_model = ((yaml.safe_load(stored_yaml.read_text()) or {}).get("model")
+                    if (args.resume or args.from_stage is not None) and stored_yaml.is_file() else None)
+    cfg = load_config(args.config, overrides, stored_model=stored_model)
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite: choose one")
     from grow.curriculum import find_stage, stage_specs

@@ -471,18 +471,20 @@ class GrowConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), *, checkpoint: bool = True) -> GrowConfig:
+def load_config(path: str | Path | None, overrides: list[str] = (), *, checkpoint: bool = True,
+                stored_model: dict[str, Any] | None = None) -> GrowConfig:
     """Read a YAML config (or the defaults when path is None) and apply ``--set`` overrides.
 
     With ``model.init_from`` the checkpoint completes and checks the architecture
-    (``grow.convert``); ``checkpoint=False`` takes the config's own fields as they are."""
+    (``grow.convert``); ``checkpoint=False`` takes the config's own fields as they are;
+    ``stored_model`` (a resumed run's model section) stands in for an unreachable checkpoint."""
     raw: dict[str, Any] = read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         apply_override(raw, item)
     if checkpoint and isinstance(raw.get("model"), dict) and raw["model"].get("init_from"):
         from grow.convert import resolve_init_from
 
-        raw = resolve_init_from(raw)
+        raw = resolve_init_from(raw, stored_model)
     return from_dict(GrowConfig, raw)
 
 

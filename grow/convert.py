@@ -152,19 +152,26 @@ def vocab_rows(src_vocab: int, tokenizer) -> int:
     return max(src_vocab, len(tokenizer))
 
 
-def resolve_init_from(raw: dict[str, Any]) -> dict[str, Any]:
+def resolve_init_from(raw: dict[str, Any], stored: dict[str, Any] | None = None) -> dict[str, Any]:
     """A raw config with ``model.init_from`` completed from the checkpoint.
 
     Fields the config leaves out take the checkpoint's values; one it gives must agree.
+    ``stored`` is the model section of the run being resumed: when the checkpoint is no
+    longer reachable it stands in for it (its stage 1 holds everything converted).
     """
     raw = copy.deepcopy(raw)
     model = raw["model"]
     path = model["init_from"]
     if not isinstance(path, str):
         raise UserError(f"{FIELD}: expected a checkpoint directory or hub id, got {path!r}")
-    arch = architecture(source_config(path))
-    tokenizer, _ = source_tokenizer(path)
-    arch["vocab_size"] = vocab_rows(arch["vocab_size"], tokenizer)
+    try:
+        arch = architecture(source_config(path))
+        tokenizer, _ = source_tokenizer(path)
+        arch["vocab_size"] = vocab_rows(arch["vocab_size"], tokenizer)
+    except CheckpointUnavailable:
+        if not stored or stored.get("init_from") != path:
+            raise
+        arch = {name: stored.get(name) for name in ARCHITECTURE}
     for name, value in arch.items():
         given = model.get(name)
         if name in model and given is not None and given != value:

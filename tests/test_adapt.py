@@ -199,3 +199,20 @@ def test_run_state_reads_a_convert_stage_one_block_at_a_time(adapted):
     assert all(torch.equal(block[k], whole[k]) for k in block)
     assert state.ends().keys() == {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     assert not state._loaded  # nothing was read whole
+
+
+def test_resume_after_the_checkpoint_is_gone(adapted, tmp_path, capsys):
+    """Stage 1 holds everything converted: a resumed run no longer needs the checkpoint."""
+    import shutil
+
+    _, ckpt, corpus, _ = adapted
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    run = tmp_path / "run"
+    sets = adapt_sets(corpus, copy)
+    assert run_cli("train", "configs/tiny-adapt.yaml", "--out", run, "--stop-after", "convert", *sets) == 0
+    shutil.rmtree(copy)
+    assert run_cli("train", "configs/tiny-adapt.yaml", "--out", tmp_path / "fresh", *sets) == 2
+    assert "model.init_from: no such checkpoint directory" in capsys.readouterr().err
+    assert run_cli("train", "configs/tiny-adapt.yaml", "--out", run, "--resume", *sets) == 0
+    assert sorted(list_stages(run, verify=True)) == [1, 2, 3, 4]
