@@ -73,13 +73,17 @@ def source_config(path: str):
     try:
         return transformers.AutoConfig.from_pretrained(_local(path))
     except Exception as exc:  # OSError, ValueError, JSON errors: all mean "not a usable checkpoint"
-        raise CheckpointUnavailable(f"{FIELD}: could not load a transformers config from {path!r}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not Path(path).expanduser().exists():  # "runs/x" reads as a hub id too: say both
+            why = f"no local directory {path!r}, and as a hub id: {why}"
+        raise CheckpointUnavailable(f"{FIELD}: could not load a transformers config from {path!r}: {why}") from None
 
 
 def _local(path: str) -> str:
+    from grow.data.sources import looks_local
+
     p = Path(path).expanduser()
-    if path.startswith((".", "/", "~")) and not p.exists():
+    if looks_local(path) and not p.exists():
         raise CheckpointUnavailable(f"{FIELD}: no such checkpoint directory: {path}")
     return str(p) if p.exists() else path
 
