@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
           f"rows of {args.seq_len}, vocab {len(tokenizer)} (no mask token)", flush=True)
 
     torch.manual_seed(args.seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden_size,
+                         intermediate_size=args.intermediate_size,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.kv_heads, max_position_embeddings=max(512, args.seq_len),
                          tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,

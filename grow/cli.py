@@ -205,7 +205,8 @@ def cmd_status(args: argparse.Namespace) -> None:
           f"{'size':>10}  state")
     for spec in specs:
         trains = ",".join(f"B{k}" for k in spec.train) if len(spec.train) <= 2 else f"B{spec.train[0]}..B{spec.train[-1]}"
-        trains = "converted" if spec.converted else (trains or "adapters") + ("+ends" if spec.trains_ends else "")
+        trains = ("converted" if spec.converted
+                  else (trains or "adapters") + ("+ends" if spec.trains_ends else ""))
         stage = listed.get(spec.index)
         if spec.index <= len(stages):
             m = stage.manifest

@@ -175,8 +175,8 @@ def test_warm_started_growth_takes_the_ends_and_optionally_the_blocks(tmp_path):
         assert stages[1].manifest["converted_from"]["blocks"] == blocks
 
 
-@pytest.mark.parametrize("name, blocks, fits", [("llama2-7b-adapt.yaml", 32, True), ("llama2-70b-adapt.yaml", 80, True)])
-def test_plan_of_7b_and_70b_adapt_on_one_80gb_gpu(name, blocks, fits, capsys):
+@pytest.mark.parametrize("name, blocks", [("llama2-7b-adapt.yaml", 32), ("llama2-70b-adapt.yaml", 80)])
+def test_plan_of_7b_and_70b_adapt_on_one_80gb_gpu(name, blocks, capsys):
     """Offline, the hub checkpoint is out of reach: grow plan plans the shape the config spells out."""
     assert run_cli("plan", f"configs/{name}", "--gpus", 1, "--gpu-memory", "80GiB") == 0
     out = capsys.readouterr().out
@@ -184,7 +184,7 @@ def test_plan_of_7b_and_70b_adapt_on_one_80gb_gpu(name, blocks, fits, capsys):
     rows = [line.split() for line in out.splitlines() if line.startswith("stage-")]
     assert len(rows) == blocks + 1 and rows[0][0] == "stage-01-convert" and rows[0][2] == "0"
     assert rows[1][0] == f"stage-02-block{blocks:02d}" and all(r[-2] == "yes" for r in rows)
-    assert ("every stage fits" in out) == fits
+    assert "every stage fits" in out
 
 
 def test_run_state_reads_a_convert_stage_one_block_at_a_time(adapted):
