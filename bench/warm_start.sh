@@ -3,7 +3,7 @@
 # transformers' Trainer, converted and adapted by grow, against the same shape grown from scratch
 # (right to left) and trained jointly from scratch with the same step budget; held-out masked CE
 # per level through the whole stack (grow eval --levels), and samples from the adapted export.
-#   bash bench/warm_start.sh [OUT]        (~35 min on 2 CPU cores)
+#   bash bench/warm_start.sh [OUT]        (~45 min on 2 CPU cores)
 set -euo pipefail
 OUT=${1:-runs/warm-start}
 PY=${PYTHON:-python}
@@ -25,7 +25,11 @@ grow train configs/tiny-joint.yaml --out "$OUT/scratch-joint" "${SHAPE[@]}" "${C
 WARM=(--set model.init_from="$OUT/causal-llama" --set curriculum.kind=right_to_left --set curriculum.time=depth)
 grow train configs/tiny-adapt.yaml --out "$OUT/warm-r2l-blocks" "${WARM[@]}" "${COMMON[@]}"
 grow train configs/tiny-adapt.yaml --out "$OUT/warm-r2l-ends" "${WARM[@]}" --set model.init_blocks=false "${COMMON[@]}"
-for run in convert-only adapt scratch-r2l scratch-joint warm-r2l-blocks warm-r2l-ends; do
+for order in ascending random; do
+  grow train configs/tiny-adapt.yaml --out "$OUT/adapt-$order" --set model.init_from="$OUT/causal-llama" \
+    "${COMMON[@]}" --set curriculum.order=$order
+done
+for run in convert-only adapt adapt-ascending adapt-random scratch-r2l scratch-joint warm-r2l-blocks warm-r2l-ends; do
   echo "== $run"; grow eval "$OUT/$run" --levels --json "$OUT/$run.eval.json"
 done
 grow export "$OUT/adapt" --out "$OUT/adapt-export" --overwrite
