@@ -173,6 +173,19 @@ def test_warm_started_growth_takes_the_ends_and_optionally_the_blocks(tmp_path):
         torch.testing.assert_close(stored["model.embed_tokens.weight"][:V], source.model.embed_tokens.weight)
         assert any(k.startswith("model.layers.") for k in stored) == blocks
         assert stages[1].manifest["converted_from"]["blocks"] == blocks
+    # Joint training from the checkpoint: one stage after convert, every block from its layer.
+    run = tmp_path / "joint"
+    sets = adapt_sets(corpus, tmp_path / "llama", "curriculum.kind=joint")
+    assert run_cli("train", "configs/tiny-adapt.yaml", "--out", run, *sets) == 0
+    assert [s.name for s in list_stages(run, verify=True).values()] == ["stage-01-convert", "stage-02-joint"]
+
+
+def test_status_shows_the_convert_stage(adapted, capsys):
+    run, _, _, _ = adapted
+    capsys.readouterr()
+    assert run_cli("status", run) == 0
+    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("stage-01"))
+    assert row[:2] == ["stage-01-convert", "converted"] and row[3] == "0" and row[-1] == "done"
 
 
 @pytest.mark.parametrize("name, blocks", [("llama2-7b-adapt.yaml", 32), ("llama2-70b-adapt.yaml", 80)])
