@@ -647,6 +647,12 @@ def _assumptions(cfg: GrowConfig, par: Parallel) -> list[str]:
         notes.append("plain PyTorch AdamW: fp32 master weights 4, grads 4, optimizer 8 bytes per trainable parameter")
     if cfg.model.vocab_size is None:
         notes.append(f"vocabulary = data.vocab_size ({cfg.data.vocab_size}), an upper bound of the trained tokenizer")
+    if cfg.model.init_from:
+        m = cfg.model
+        params = m.num_blocks * block_params(m) + sum(ends_params(m, plan_vocab(cfg)).values())
+        notes.append(f"stage 1 (convert) loads {m.init_from} once into CPU memory in its stored dtype "
+                     f"({format_bytes(2 * params)} in bf16, {format_bytes(4 * params)} in fp32); later stages read it "
+                     "back one tensor at a time; converted blocks train without spectral norm or residual gain")
     return notes
 
 
