@@ -198,7 +198,8 @@ def test_plan_of_7b_and_70b_adapt_on_one_80gb_gpu(name, blocks, capsys):
     assert len(rows) == blocks + 1 and rows[0][0] == "stage-01-convert" and rows[0][2] == "0"
     assert rows[1][0] == f"stage-02-block{blocks:02d}" and all(r[-2] == "yes" for r in rows)
     assert "every stage fits" in out
-    assert "stage 1 (convert) loads meta-llama/" in out and "converted blocks train without spectral norm" in out
+    flat = " ".join(out.split())  # assumption lines wrap
+    assert "stage 1 (convert) loads meta-llama/" in flat and "converted blocks train without spectral norm" in flat
 
 
 def test_run_state_reads_a_convert_stage_one_block_at_a_time(adapted):
