@@ -68,8 +68,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = list(args.set or [])
     if args.deepspeed:
         overrides.append(f"train.deepspeed={args.deepspeed}")
-    cfg = load_config(args.config, overrides)
     run = Path(args.out)
+    stored_yaml = run / "grow.yaml"
+    # A resumed run's converted model is in its stage 1: its shape stands in for a checkpoint
+    # that is no longer reachable (grow.convert.resolve_init_from).
+    stored_model = ((yaml.safe_load(stored_yaml.read_text()) or {}).get("model")
+                    if (args.resume or args.from_stage is not None) and stored_yaml.is_file() else None)
+    cfg = load_config(args.config, overrides, stored_model=stored_model)
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite: choose one")
     from grow.curriculum import find_stage, stage_specs
@@ -146,6 +151,10 @@ def _prepare_run(cfg, run: Path, args, specs, from_stage):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        if cfg.model.init_from:  # the checkpoint's tokenizer (+ a mask token) is the run's
+            from grow.convert import save_run_tokenizer
+
+            save_run_tokenizer(cfg.model.init_from, tmp / "tokenizer", _log_to(tmp))
         corpus = load_corpus(cfg.data, tmp / "tokenizer", cfg.train.seed, log=_log_to(tmp))
         _check_model_shape(cfg, corpus.tokenizer)
         write_text_atomic(tmp / "grow.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -298,7 +307,8 @@ def cmd_status(args: argparse.Namespace) -> int | None:
           f"{'size':>10}  state")
     for spec in specs:
         trains = ",".join(f"B{k}" for k in spec.train) if len(spec.train) <= 2 else f"B{spec.train[0]}..B{spec.train[-1]}"
-        trains = (trains or "adapters") + ("+ends" if spec.trains_ends else "")
+        trains = ("converted" if spec.converted
+                  else (trains or "adapters") + ("+ends" if spec.trains_ends else ""))
         stage = listed.get(spec.index)
         if spec.index <= len(stages):
             m = stage.manifest
@@ -387,7 +397,13 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from grow.plan import fit, plan, read_deepspeed, render
     from grow.units import parse_bytes
 
-    cfg = load_config(args.config, args.set or [])
+    from grow.convert import CheckpointUnavailable
+
+    try:
+        cfg = load_config(args.config, args.set or [])
+    except CheckpointUnavailable as exc:  # planning needs the shape, not the weights
+        cfg = load_config(args.config, args.set or [], checkpoint=False)
+        print(f"note: {exc}; planning the architecture the config spells out")
     try:
         gpu_memory = parse_bytes(args.gpu_memory)
     except ValueError as exc:

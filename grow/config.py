@@ -51,6 +51,19 @@ class ModelConfig:
     """Std of the normal init of embeddings, head and block linears."""
     vocab_size: int | None = None
     """Rows of the embedding and the head. None = the tokenizer's size."""
+    attention_bias: bool = False
+    """Biases on the attention linears (q, k, v and o: EuroBERT's one switch). Set from a
+    converted checkpoint that has them (Qwen2's q/k/v biases; o's bias is then zero)."""
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE scaling of a converted checkpoint (transformers' rope_parameters minus rope_theta,
+    e.g. Llama 3's rope_type llama3 with its factors); None = plain RoPE."""
+    init_from: str | None = None
+    """A pretrained causal LM (local directory or hub id) of the Llama family -- Llama, Mistral,
+    Qwen2 -- to start from (``grow/convert.py``, docs/warm_start.md). Its architecture fills
+    every field above that the config leaves out; a value that contradicts it is an error."""
+    init_blocks: bool = True
+    """With init_from: block k starts from the checkpoint's layer k (adapt needs this); false =
+    only the embedding, final norm and head come from the checkpoint and blocks grow fresh."""
 
     def __post_init__(self) -> None:
         _positive(self, "model", "num_blocks", "hidden_size", "num_heads", "max_position_embeddings")
@@ -105,7 +118,7 @@ class ScheduleConfig:
             )
 
 
-CURRICULA = ("right_to_left", "left_to_right", "joint")
+CURRICULA = ("right_to_left", "left_to_right", "joint", "adapt")
 
 
 @dataclass(kw_only=True)
@@ -116,10 +129,11 @@ class CurriculumConfig:
     reaches the network. ``grow/curriculum.py`` turns this section into the run's stages.
     """
 
-    kind: Literal["right_to_left", "left_to_right", "joint"] = "right_to_left"
+    kind: Literal["right_to_left", "left_to_right", "joint", "adapt"] = "right_to_left"
     """right_to_left: stage by stage prepend block k and train it with blocks k+1..L frozen
     (card 4.1); left_to_right: append block k with blocks 1..k-1 before it (card 4.2);
-    joint: one stage trains every block at once (the baseline every comparison needs)."""
+    joint: one stage trains every block at once (the baseline every comparison needs);
+    adapt: every block exists from the start (model.init_from) and one trains at a time."""
     time: Literal["depth", "input"] = "depth"
     """depth: block k is tied to noise level r_k, no time input (card 1.B.2); input: every
     row draws its own level -- U(0, 1), or a band around r_k for right_to_left (card 4.3) --
@@ -148,6 +162,11 @@ class CurriculumConfig:
     final_trains: Literal["adapters", "free_block", "both"] = "adapters"
     """What the final stage trains: every block's LoRA adapter on its 4-bit weights; only the
     blocks no level's own path uses, in full precision (block 1 grown right to left); or both."""
+    order: Literal["descending", "ascending", "random"] = "descending"
+    """adapt: the order blocks train in -- L..1 (BAdam's best), 1..L, or a permutation drawn
+    from train.seed (a new one each pass)."""
+    passes: int = 1
+    """adapt: passes over the blocks (each pass trains every block once)."""
     anchor: float = 0.0
     """Depth-tied curricula: the share of each batch a stage spends keeping the level paths it
     changes where their own stages left them (each such path at its own r_j); 0 = off."""
@@ -167,7 +186,7 @@ class CurriculumConfig:
             raise UserError(f"curriculum.band: expected a positive factor, got {self.band}")
         if self.joint_every < 0 or self.final_steps < 0:
             raise UserError("curriculum.joint_every and curriculum.final_steps must be >= 0")
-        _positive(self, "curriculum", "joint_steps")
+        _positive(self, "curriculum", "joint_steps", "passes")
         if not 0 <= self.anchor < 1:
             raise UserError(f"curriculum.anchor: expected a share of the batch in [0, 1), got {self.anchor}")
         if self.joint_every and self.kind != "left_to_right":
@@ -425,6 +444,9 @@ class GrowConfig:
                 f"train.steps: has {len(self.train.steps)} entries but model.num_blocks={L}; "
                 "give one number for all stages or one per block"
             )
+        if self.curriculum.kind == "adapt" and not (self.model.init_from and self.model.init_blocks):
+            raise UserError("curriculum.kind: adapt trains the blocks of a pretrained model; set model.init_from "
+                            "(with model.init_blocks: true)")
         if self.data.seq_len > self.model.max_position_embeddings:
             raise UserError(
                 f"data.seq_len: {self.data.seq_len} exceeds model.max_position_embeddings="
@@ -449,11 +471,20 @@ class GrowConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> GrowConfig:
-    """Read a YAML config (or the defaults when path is None) and apply ``--set`` overrides."""
+def load_config(path: str | Path | None, overrides: list[str] = (), *, checkpoint: bool = True,
+                stored_model: dict[str, Any] | None = None) -> GrowConfig:
+    """Read a YAML config (or the defaults when path is None) and apply ``--set`` overrides.
+
+    With ``model.init_from`` the checkpoint completes and checks the architecture
+    (``grow.convert``); ``checkpoint=False`` takes the config's own fields as they are;
+    ``stored_model`` (a resumed run's model section) stands in for an unreachable checkpoint."""
     raw: dict[str, Any] = read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         apply_override(raw, item)
+    if checkpoint and isinstance(raw.get("model"), dict) and raw["model"].get("init_from"):
+        from grow.convert import resolve_init_from
+
+        raw = resolve_init_from(raw, stored_model)
     return from_dict(GrowConfig, raw)
 
 
@@ -545,6 +576,10 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         if value not in allowed:
             raise UserError(f"{name}: expected one of {', '.join(map(str, allowed))}, got {_show(value)}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise UserError(f"{name}: expected a mapping, got {_show(value)}")
+        return dict(value)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):

@@ -258,6 +258,9 @@ CURRICULUM_TEXT = {
     "left_to_right": ("left to right: each stage appended a block after the ones already grown and trained the "
                       "network 1..k"),
     "joint": "jointly: every block and the ends trained at once on noise levels t ~ U(0, 1)",
+    "adapt": ("by adapting a pretrained causal LM (converted with bidirectional attention): each stage trained "
+              "one of its {L} blocks in full precision while every other block ran frozen in 4-bit with LoRA "
+              "adapters, through the whole stack"),
 }
 
 

@@ -62,9 +62,9 @@ def hf_config(cfg: ModelConfig, vocab_size: int, special_ids: dict[str, int | No
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps,
         initializer_range=cfg.init_std,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},
         tie_word_embeddings=False,
-        attention_bias=False,
+        attention_bias=cfg.attention_bias,
         mlp_bias=False,
         pad_token_id=special_ids.get("pad"),
         bos_token_id=special_ids.get("bos"),
@@ -210,7 +210,10 @@ class GrowModel(nn.Module):
         block = EuroBertDecoderLayer(self.config, layer_idx=block_id - 1)
         std = self.config.initializer_range
         for name in BLOCK_LINEARS:
-            nn.init.normal_(block.get_submodule(name).weight, std=std)
+            linear = block.get_submodule(name)
+            nn.init.normal_(linear.weight, std=std)
+            if linear.bias is not None:  # model.attention_bias (a converted Qwen2's shape)
+                nn.init.zeros_(linear.bias)
         return block.to(self.embed_tokens.weight.device)
 
     def set_block(self, block_id: int, block: nn.Module) -> None:

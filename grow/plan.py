@@ -127,6 +127,13 @@ BLOCK_TENSORS = 9  # seven linears + two RMSNorm weights
 TFLOP = 1e12
 
 
+def _stability(cfg: GrowConfig) -> StabilityConfig:
+    """The stability kit of the blocks the run trains (off for blocks from a checkpoint)."""
+    from grow.convert import block_stability  # imports torch; the planner imports it only here
+
+    return block_stability(cfg)
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -640,6 +647,12 @@ def _assumptions(cfg: GrowConfig, par: Parallel) -> list[str]:
         notes.append("plain PyTorch AdamW: fp32 master weights 4, grads 4, optimizer 8 bytes per trainable parameter")
     if cfg.model.vocab_size is None:
         notes.append(f"vocabulary = data.vocab_size ({cfg.data.vocab_size}), an upper bound of the trained tokenizer")
+    if cfg.model.init_from:
+        m = cfg.model
+        params = m.num_blocks * block_params(m) + sum(ends_params(m, plan_vocab(cfg)).values())
+        notes.append(f"stage 1 (convert) loads {m.init_from} once into CPU memory in its stored dtype "
+                     f"({format_bytes(2 * params)} in bf16, {format_bytes(4 * params)} in fp32); later stages read it "
+                     "back one tensor at a time; converted blocks train without spectral norm or residual gain")
     return notes
 
 
@@ -692,7 +705,7 @@ class _Setup:
         Parametrized linears (spectral norm, residual gain) produce a fresh weight every
         forward, kept in the activation dtype; under bf16 autocast the others are cast copies.
         """
-        stab, lins = self.cfg.stability, block_linears(self.cfg.model)
+        stab, lins = _stability(self.cfg), block_linears(self.cfg.model)
         total = 0
         for lin in lins:
             parametrized = stab.spectral_norm or (stab.gamma != 1.0 and lin.name in ("o_proj", "down_proj"))
@@ -744,7 +757,7 @@ class _Setup:
         P_b, t_b = block_params(m), time_params(cfg)
         # The trained blocks: their states, plus spectral-norm/gain buffers replicated beside them.
         block_state = trainable_states(n * (P_b + t_b), n * (BLOCK_TENSORS + (1 if t_b else 0)), self.par)
-        block_state.params += n * (trained_block_bytes(m, cfg.stability) - 4 * P_b)
+        block_state.params += n * (trained_block_bytes(m, _stability(cfg)) - 4 * P_b)
         e = ends_params(m, self.vocab)
         if trains_ends:
             ends_state = trainable_states(sum(e.values()), 3, self.par)

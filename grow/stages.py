@@ -34,6 +34,7 @@ from grow.assemble import RunState, assemble, block_prefixes
 from grow.checkpoint import (PREEMPT, Preempted, checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint,
                              trained_tensors)
 from grow.config import GrowConfig
+from grow.convert import block_stability
 from grow.curriculum import StageSpec, stage_specs
 from grow.data import Corpus
 from grow.engine import PlainEngine, autocast, resolve_device, run_loop
@@ -229,7 +230,7 @@ def stage_files(model: GrowModel, cfg: GrowConfig, spec: StageSpec, snapshot: di
         layer, time = block_prefixes(k)
         prefix = f"blocks.{k - 1}."
         block = replica.new_block(k).cpu()
-        add_stability(block, cfg.stability)
+        add_stability(block, block_stability(cfg))
         block.load_state_dict({n[len(prefix):]: v for n, v in snapshot.items() if n.startswith(prefix)}, strict=True)
         fold(block)
         weights.update({f"{layer}{n}": v for n, v in block.state_dict().items()})
@@ -321,6 +322,14 @@ def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after
     if stages:
         log(f"resuming: stages 1..{len(stages)} of {len(specs)} are committed in {run}")
     for spec in specs[len(stages):]:
+        if spec.converted:  # taken from model.init_from, not trained (grow.convert)
+            from grow.convert import commit_conversion
+
+            commit_conversion(cfg, spec, run, corpus, backend, log)
+            stages, _ = committed(run, specs, verify=False)
+            if stop_after is not None and stop_after in (str(spec.index), spec.label, spec.name):
+                break
+            continue
         state = RunState(list(stages))
         model, result = train_stage(spec, corpus, cfg, backend, state, log=log, run=run)
         if backend.is_main:
