@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config, tiny_overrides, write_corpus
-from grow.checkpoint import PREEMPT
+from conftest import main_preempted_at, tiny_config, tiny_overrides, write_corpus
 from grow.cli import main
 from grow.store import list_stages, sha256_file, write_manifest
 
@@ -304,20 +303,10 @@ def test_repair_advice_carries_deepspeed_when_the_run_used_it(tmp_path, corpus):
 
 
 def preempt_at(run, corpus, stage: str, step: int, extra=()) -> int:
-    """Train until the SIGTERM handler's flag is raised at ``step`` of ``stage`` (as tests/test_resume.py)."""
-    import grow.cli as cli
-
-    def stop_at(line):
-        if line.startswith(stage + " ") and f"step {step}/" in line:
-            PREEMPT.requested = True
-
-    original = cli._log_to
-    try:
-        cli._log_to = lambda r: (lambda line: (stop_at(line), original(r)(line)))
-        return train(run, corpus, extra=["--set", "train.checkpoint_every=2", *extra])
-    finally:
-        cli._log_to = original
-        PREEMPT.requested = False
+    """Train until the SIGTERM handler's flag is raised at ``step`` of ``stage``."""
+    argv = ["train", "configs/tiny.yaml", "--out", str(run), *tiny_overrides(corpus, blocks=3),
+            "--set", "train.checkpoint_every=2", *extra]
+    return main_preempted_at(argv, stage, step)
 
 
 def test_resume_with_the_other_engine_is_one_line(tmp_path, corpus, capsys):
