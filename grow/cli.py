@@ -304,13 +304,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     from grow.engine import resolve_device
     from grow.inference import load_denoiser
-    from grow.sample import animate, generate, prompt_batch, to_json
+    from grow.sample import animate, check_mode, generate, prompt_batch, to_json
 
     device = resolve_device(args.device)
     loaded = load_denoiser(args.model, device)
-    if args.mode in ("depth", "suffix") and loaded.paths is None:
-        raise UserError(f"--mode: {args.mode} steps through noise levels tied to blocks, and {args.model} has none "
-                        "(it was trained as a whole stack on t ~ U(0, 1)); use --mode iterative or semi-ar")
+    check_mode(args.mode, loaded.corruption, loaded.paths is not None, str(args.model))
     tokenizer = loaded.tokenizer
     ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"] if args.prompt else []
     prompt = prompt_batch(ids, args.num_samples, device)
@@ -581,8 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="RUN_OR_EXPORT", help="run directory or exported model directory")
     p.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: none)")
     p.add_argument("--length", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
-    p.add_argument("--mode", choices=("depth", "suffix", "iterative", "semi-ar"), default="depth",
-                   help="sampler (default depth)")
+    p.add_argument("--mode", choices=("depth", "suffix", "iterative", "semi-ar", "refine"), default="depth",
+                   help="sampler (default depth); refine for replacement noise (objective.corruption: uniform)")
     p.add_argument("--steps", type=int, metavar="S", help="denoising steps: iterative (default --length) or per "
                    "semi-ar block (default --block-length); depth/suffix take theirs from the schedule")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 = argmax (default 1.0)")
