@@ -443,10 +443,12 @@ class StagePlan:
     flops_per_token: float
     gpu_memory: int
     extra: dict[str, Any] = field(default_factory=dict)
+    ema: int = 0
+    """train.ema: the fp32 average of every trainable parameter (4 bytes each), beside them."""
 
     @property
     def model_states(self) -> int:
-        return self.block_state.gpu + self.ends_state.gpu + self.suffix + self.lora_state.gpu
+        return self.block_state.gpu + self.ends_state.gpu + self.suffix + self.lora_state.gpu + self.ema
 
     @property
     def selected_activations(self) -> int:
@@ -473,6 +475,7 @@ class StagePlan:
                 "ends": asdict(self.ends_state) | {"total": self.ends_state.gpu},
                 "suffix": self.suffix,
                 "lora": asdict(self.lora_state) | {"total": self.lora_state.gpu},
+                "ema": self.ema,
                 "model_states": self.model_states,
                 "workspace": self.workspace,
                 "activations_no_ckpt": self.activations,
@@ -632,6 +635,9 @@ def _assumptions(cfg: GrowConfig, par: Parallel) -> list[str]:
         "allocator fragmentation and communication buckets are not counted",
         "LoRA adapters are fp32 (weights 4 + grads 4 + AdamW 8 bytes per parameter)",
     ]
+    if cfg.train.ema:
+        notes.append("train.ema: an fp32 average of every trainable parameter (4 bytes each), counted in "
+                     "each stage's total")
     if par.deepspeed and par.half:
         notes.append("DeepSpeed 16-bit: trainable weights and grads 2 bytes, optimizer 12 bytes (fp32 master + m + v)")
     elif par.deepspeed:
@@ -791,6 +797,7 @@ class _Setup:
             gpu_memory=self.gpu_memory,
             extra={"label": spec.label, "trains": list(spec.train), "frozen_blocks": s, "adapters": adapted,
                    "trainable_adapters": trainable_adapters},
+            ema=4 * trainable if cfg.train.ema else 0,
         )
 
     def full(self, ratios: list[float]) -> StagePlan:

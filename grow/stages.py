@@ -245,6 +245,8 @@ def train_stage(spec: StageSpec, corpus: Corpus, cfg: GrowConfig, backend: Backe
         )
         memory = {**stage_account(model, spec, getattr(engine, "torch_optimizer", engine.optimizer)),
                   **peak_bytes(device), "trainable_adapter_blocks": list(spec.adapters)}
+        if getattr(engine, "ema", None) is not None:
+            engine.ema.apply()  # the stage measures and commits the averaged weights
         model.eval()
         with autocast(cfg, device):
             own, levels = level_report(model, cfg, spec, corpus.heldout, corpus.mask_token_id, device)
