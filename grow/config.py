@@ -179,10 +179,12 @@ class ObjectiveConfig:
     """What the forward process does to a sample and how a row's loss is weighted
     (``grow/corruption.py``, ``grow/objective.py``; docs/corruptions.md)."""
 
-    corruption: Literal["mask", "gaussian", "uniform"] = "mask"
+    corruption: Literal["mask", "gaussian", "uniform", "duo"] = "mask"
     """mask: corrupted positions become [MASK], loss on them (LLaDA, MDLM); gaussian: their
     input embedding is Gaussian noise instead (design card 3), loss on them; uniform: they hold
-    uniformly random tokens and the loss is on every token (tiny-diffusion, uniform-state)."""
+    uniformly random tokens and the loss is on every token (tiny-diffusion, uniform-state);
+    duo: Gaussian noise on one-hot tokens then argmax, soft tokens in training, symmetric KL on
+    every token scaled per row by the noise (Duo)."""
     gaussian_std: float = 1.0
     """gaussian: std of the input noise, relative to the RMS of the embedding table."""
     weighting: Literal["mean", "llada", "elbo"] = "mean"
@@ -192,10 +194,19 @@ class ObjectiveConfig:
     low-discrepancy t over the band (MDLM's continuous-time ELBO, antithetic/linspace t)."""
     llada_range: list[float] = field(default_factory=lambda: [0.15, 0.99])
     """weighting llada: the masking rates a row may draw (LLaDA-style variable 15-99 %)."""
+    duo_temperature: list[float] = field(default_factory=lambda: [0.1, 1e-4])
+    """duo: softmax temperature of the soft tokens at the start and the end of each stage
+    (annealed geometrically; near 0 the soft token is the argmax token)."""
+    duo_smoothing: float = 1e-3
+    """duo: label smoothing of the one-hot target, which keeps KL(p || q) finite."""
 
     def __post_init__(self) -> None:
         if not self.gaussian_std > 0:
             raise UserError(f"objective.gaussian_std: expected > 0, got {self.gaussian_std}")
+        if len(self.duo_temperature) != 2 or not all(t > 0 for t in self.duo_temperature):
+            raise UserError(f"objective.duo_temperature: expected [start, end], both > 0, got {self.duo_temperature}")
+        if not 0 < self.duo_smoothing < 1:
+            raise UserError(f"objective.duo_smoothing: expected a value in (0, 1), got {self.duo_smoothing}")
         lo_hi = self.llada_range
         if len(lo_hi) != 2 or not 0 < lo_hi[0] < lo_hi[1] <= 1:
             raise UserError(f"objective.llada_range: expected [lo, hi] with 0 < lo < hi <= 1, got {lo_hi}")
@@ -471,15 +482,16 @@ class GrowConfig:
     def _check_objective(self) -> None:
         """Combinations of corruption, weighting, curriculum and engine that cannot work."""
         o, c = self.objective, self.curriculum
-        if o.corruption == "uniform" and c.time == "depth":
-            raise UserError("objective.corruption: uniform replaces tokens, and the depth-tied samplers unmask "
+        replaces = o.corruption in ("uniform", "duo")
+        if replaces and c.time == "depth":
+            raise UserError(f"objective.corruption: {o.corruption} replaces tokens, and the depth-tied samplers unmask "
                             "positions a replacement model never sees masked; use curriculum.time=input")
         if o.weighting != "mean" and c.time == "depth":
             raise UserError(f"objective.weighting: {o.weighting} weights each row by 1/t, but with "
                             "curriculum.time=depth a stage has one level (a constant); use mean or curriculum.time=input")
-        if o.weighting != "mean" and o.corruption == "uniform":
+        if o.weighting != "mean" and replaces:
             raise UserError(f"objective.weighting: {o.weighting} is the absorbing-state bound; with "
-                            "corruption=uniform the loss is on every token, use weighting=mean")
+                            f"corruption={o.corruption} the loss is on every token, use weighting=mean")
         if self.train.ema and self.train.deepspeed:
             raise UserError("train.ema: not supported with --deepspeed (the averaged weights would need "
                             "gathering from ZeRO partitions); drop one of them")

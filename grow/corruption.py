@@ -15,6 +15,12 @@ the same at every level wherever both levels corrupt it.
     uniform   the position holds a uniformly random token (tiny-diffusion's token
               replacement; uniform-state diffusion). The network cannot tell which tokens
               are wrong, so the loss is on every token.
+    duo       Duo (diffusion duality): Gaussian noise on the one-hot token, then argmax. The
+              flipped set is the Gaussian's own (not the nested mask), nested in the noise
+              weight because each (sample, position) keeps one Gaussian vector. In training the
+              network reads soft tokens (a tempered softmax of the noisy one-hot, annealed
+              toward argmax over the stage); the loss is a symmetric KL on every token, each row
+              scaled by its noise amount. Evaluation and sampling use the hard (argmax) tokens.
 
 A corruption turns clean ids into the ids the network reads (``corrupt``), says where the
 loss is (``loss_positions``) and, for gaussian, installs the input hook on the model that
@@ -27,6 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -94,8 +102,23 @@ class Corruption:
     replaces_tokens = False
     """Corrupted positions hold real tokens: samplers refine every position instead of unmasking."""
 
-    def corrupt(self, ids: torch.Tensor, mask: torch.Tensor, rows: Rows, mask_id: int, vocab_size: int) -> torch.Tensor:
+    def corrupt(self, ids: torch.Tensor, mask: torch.Tensor, rows: Rows, mask_id: int, vocab_size: int,
+                levels: torch.Tensor | None = None) -> torch.Tensor:
+        """The ids the network reads: ``mask`` selects the positions (``levels``, one per row,
+        only for a corruption that picks its own positions: duo)."""
         return ids.masked_fill(mask, mask_id)
+
+    def soft_inputs(self, model, ids, rows, levels, progress: float) -> torch.Tensor | None:
+        """Input embeddings other than the embedded corrupted ids (duo's soft tokens), or None."""
+        return None
+
+    def position_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Loss per loss position: cross-entropy."""
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+
+    def row_scale(self, levels: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+        """A factor per row on its loss (duo), or None."""
+        return None
 
     def loss_positions(self, mask: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(mask) if self.loss_on_all else mask
@@ -110,7 +133,7 @@ class Uniform(Corruption):
     loss_on_all = True
     replaces_tokens = True
 
-    def corrupt(self, ids, mask, rows, mask_id, vocab_size):
+    def corrupt(self, ids, mask, rows, mask_id, vocab_size, levels=None):
         noise = replacement_tokens(rows, ids.shape[1], vocab_size, mask_id).to(ids.device)
         return torch.where(mask, noise, ids)
 
@@ -151,17 +174,107 @@ class Gaussian(Corruption):
         model.input_hook = GaussianInputs(model.config.mask_token_id, self.std)
 
 
-CORRUPTIONS = ("mask", "gaussian", "uniform")
+@functools.lru_cache(maxsize=8)
+def _flip_table(vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(w grid, fraction of tokens argmax((1 - w) onehot + w g) flips) for V = vocab_size.
+
+    A token x flips when max_{j != x} g_j - g_x > (1 - w) / w = c, so with g ~ N(0, I)
+    P(flip) = int phi(z) (1 - Phi(c + z)^(V - 1)) dz, increasing in w up to (V - 1) / V at w = 1.
+    """
+    w = np.concatenate([np.linspace(1e-3, 0.05, 50), np.linspace(0.05, 1.0, 951)[1:]])
+    z = np.linspace(-9.0, 9.0, 3601)
+    phi = np.exp(-z * z / 2) / np.sqrt(2 * np.pi)
+    c = (1 - w) / w
+    cdf = torch.special.ndtr(torch.from_numpy(c[:, None] + z[None, :])).double().numpy()
+    flip = (phi * (1 - cdf ** (vocab_size - 1))).sum(1) * (z[1] - z[0])
+    return w, np.maximum.accumulate(flip)
+
+
+def duo_weight(levels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The noise weight w whose expected flipped fraction is ``level`` * (V - 1) / V.
+
+    Maps the curriculum's levels (fractions of corrupted tokens, as for every other corruption)
+    onto Duo's Gaussian noise weight, so r_k and the bands mean the same thing for duo.
+    """
+    w, flip = _flip_table(int(vocab_size))
+    target = levels.double().cpu().numpy() * (vocab_size - 1) / vocab_size
+    return torch.from_numpy(np.interp(target, flip, w)).to(levels.device)
+
+
+class Duo(Corruption):
+    name = "duo"
+    loss_on_all = True
+    replaces_tokens = True
+
+    def __init__(self, temperature: Sequence[float] = (0.1, 1e-4), smoothing: float = 1e-3) -> None:
+        self.t_start, self.t_end = float(temperature[0]), float(temperature[1])
+        self.smoothing = smoothing
+
+    def noisy(self, ids: torch.Tensor, rows: Rows, levels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """(1 - w) onehot(x) + w g, one keyed Gaussian vector g per (sample, position): (B, T, V)."""
+        g = gaussian_noise(rows, ids.shape[1], vocab_size).to(ids.device)
+        w = duo_weight(levels, vocab_size).to(ids.device, torch.float32).view(-1, 1, 1)
+        hot = torch.nn.functional.one_hot(ids, vocab_size).float()
+        return (1 - w) * hot + w * g
+
+    def corrupt(self, ids, mask, rows, mask_id, vocab_size, levels=None):
+        if levels is None:
+            raise ValueError("duo corrupts by noise level; pass levels")
+        noisy = self.noisy(ids, rows, levels, vocab_size)
+        noisy[..., mask_id] = -torch.inf  # a replacement model never reads [MASK]
+        return noisy.argmax(-1)
+
+    def temperature(self, progress: float) -> float:
+        """Geometric from the first to the second value of objective.duo_temperature over a stage."""
+        return self.t_start * (self.t_end / self.t_start) ** min(1.0, max(0.0, progress))
+
+    def soft_inputs(self, model, ids, rows, levels, progress):
+        noisy = self.noisy(ids, rows, levels, model.config.vocab_size)
+        noisy[..., model.config.mask_token_id] = -torch.inf
+        soft = torch.softmax(noisy / self.temperature(progress), dim=-1)
+        table = model.embed_tokens.weight
+        return (soft.to(table.dtype) @ table).to(model.norm.weight.dtype)
+
+    def position_losses(self, logits, targets):
+        """Symmetric KL between the prediction p and the (smoothed) one-hot target q.
+
+        KL(q || p) is the cross-entropy up to q's entropy; KL(p || q) also charges the mass p
+        puts on wrong tokens. q = (1 - eps) onehot + eps / V keeps KL(p || q) finite.
+        """
+        V = logits.shape[-1]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        eps = self.smoothing
+        logq = torch.full_like(logp, math.log(eps / V))
+        logq.scatter_(-1, targets.unsqueeze(-1), math.log(1 - eps + eps / V))
+        p, q = logp.exp(), logq.exp()
+        return ((q * (logq - logp)).sum(-1) + (p * (logp - logq)).sum(-1))
+
+    def row_scale(self, levels, vocab_size):
+        """1 at no noise, falling to 0 at pure noise: V (1 - w) / (V (1 - w) + w).
+
+        The seed's ``w / (V (1 - w) + w)`` grows with w, contradicting its own comment ("as
+        noise -> 0, view_scale -> 1") and its purpose (heavy-noise rows must not dominate), so
+        grow uses one minus it, which matches both.
+        """
+        w = duo_weight(levels, vocab_size).float()
+        return vocab_size * (1 - w) / (vocab_size * (1 - w) + w)
+
+
+CORRUPTIONS = ("mask", "gaussian", "uniform", "duo")
 
 
 def corruption_for(cfg) -> Corruption:
     """The corruption of a run's config (``objective.corruption``)."""
-    return corruption_named(cfg.objective.corruption, cfg.objective.gaussian_std)
+    o = cfg.objective
+    return corruption_named(o.corruption, o.gaussian_std, o.duo_temperature, o.duo_smoothing)
 
 
-def corruption_named(name: str, gaussian_std: float = 1.0) -> Corruption:
+def corruption_named(name: str, gaussian_std: float = 1.0, duo_temperature=(0.1, 1e-4),
+                     duo_smoothing: float = 1e-3) -> Corruption:
     if name == "gaussian":
         return Gaussian(gaussian_std)
+    if name == "duo":
+        return Duo(duo_temperature, duo_smoothing)
     return Uniform() if name == "uniform" else Corruption()
 
 

@@ -60,7 +60,8 @@ def heldout_ce(
         where = corruption.loss_positions(mask)
         t = torch.full((len(keys),), float(ratio), device=device)
         with rows_of(rows):
-            logits = logits_fn(corruption.corrupt(ids, mask, rows, mask_token_id, vocab_size), t).float()
+            x = corruption.corrupt(ids, mask, rows, mask_token_id, vocab_size, levels=t.double().cpu())
+            logits = logits_fn(x, t).float()
         total += torch.nn.functional.cross_entropy(logits[where], ids[where], reduction="sum").item()
         count += int(where.sum())
         if (b + 1) * batch_size >= n:  # the whole held-out split has been seen once

@@ -454,7 +454,7 @@ def export_run(
             "curriculum": {"kind": cfg.curriculum.kind, "time": cfg.curriculum.time,
                            "final_steps": cfg.curriculum.final_steps},
             "paths": {str(k): list(v) for k, v in (level_paths(cfg) or {}).items()} or None,
-            "sampling": {**SAMPLING_DEFAULTS, "mode": "refine" if cfg.objective.corruption == "uniform"
+            "sampling": {**SAMPLING_DEFAULTS, "mode": "refine" if cfg.objective.corruption in ("uniform", "duo")
                          else "depth" if level_paths(cfg) else "iterative"},
             "corruption": cfg.objective.corruption,
             "merge_into": merge_into,

@@ -28,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import numpy as np
 
@@ -55,6 +54,8 @@ class Batch:
     last: torch.Tensor
     rows: Rows | None = None
     """Sample keys of the rows (keyed replacement tokens / input noise); None = row index."""
+    progress: float = 0.0
+    """Fraction of the stage done at this step (duo anneals its soft-token temperature on it)."""
 
 
 def row_plan(spec: StageSpec, cfg: GrowConfig, step: int) -> tuple[torch.Tensor, ...]:
@@ -107,7 +108,7 @@ def stage_batch(train, spec: StageSpec, cfg: GrowConfig, step: int, rows: slice,
     keys = epochs * len(train) + sample_ids
     scores = mask_scores(keys, ids.shape[1], cfg.train.seed, TRAIN_SALT)
     levels, first, last = (x[rows] for x in row_plan(spec, cfg, step))
-    return Batch(ids, scores, levels, first, last, keys_rows(keys, cfg.train.seed, TRAIN_SALT))
+    return Batch(ids, scores, levels, first, last, keys_rows(keys, cfg.train.seed, TRAIN_SALT), step / spec.steps)
 
 
 def per_row_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -158,27 +159,34 @@ class MaskedDiffusionLoss:
         B, T = batch.ids.shape
         rows = batch.rows or Rows(tuple(range(B)), 0, TRAIN_SALT)
         vocab = model.config.vocab_size
+        corruption = self.corruption
         mask = corrupted_positions(batch.scores, batch.levels, self.weighting).to(device)
-        x = self.corruption.corrupt(batch.ids, mask, rows, self.mask_id, vocab)
-        where = self.corruption.loss_positions(mask)
+        x = corruption.corrupt(batch.ids, mask, rows, self.mask_id, vocab, levels=batch.levels)
+        where = corruption.loss_positions(mask)
+        soft = corruption.soft_inputs(model, batch.ids, rows, batch.levels, batch.progress)
+        scale = corruption.row_scale(batch.levels, vocab)
         t = batch.levels.to(device) if model.time_embed is not None else None
         per_row = torch.zeros(len(x), dtype=torch.float32, device=device)
         for first, last in sorted({(int(a), int(b)) for a, b in zip(batch.first, batch.last)}):
             sel = ((batch.first == first) & (batch.last == last)).to(device)
             ts = t[sel] if t is not None else None
             with rows_of(rows.select(sel.cpu())):
-                after_first = model.forward_from(model.embed(x[sel]), first, first, ts)
+                inputs = model.embed(x[sel]) if soft is None else soft[sel]
+            after_first = model.forward_from(inputs, first, first, ts)
             hidden = model.forward_from(after_first, first + 1, last, ts)
             # The head only where the loss is: at r = 0.15 that is 7x fewer head FLOPs.
-            ce = F.cross_entropy(model.head(hidden[where[sel]]).float(), batch.ids[sel][where[sel]], reduction="none")
-            ce_sum = per_row_sum(ce, where[sel])
+            losses = corruption.position_losses(model.head(hidden[where[sel]]), batch.ids[sel][where[sel]])
+            ce_sum = per_row_sum(losses, where[sel])
             row_loss = row_losses(ce_sum, where[sel].sum(1), batch.levels[sel.cpu()].to(device), T, self.weighting)
+            if scale is not None:
+                row_loss = row_loss * scale[sel.cpu()].to(device)
             if self.consistency and first == self.spec.first and last == self.spec.last:
-                lighter = nested_mask(batch.scores[sel.cpu()], self.spec.consistency_level).to(device)
+                lighter_level = self.spec.consistency_level
+                lighter = nested_mask(batch.scores[sel.cpu()], lighter_level).to(device)
                 sub = rows.select(sel.cpu())
                 with rows_of(sub):
-                    target = model.embed(self.corruption.corrupt(batch.ids[sel], lighter, sub, self.mask_id,
-                                                                 vocab)).detach()
+                    target = model.embed(corruption.corrupt(batch.ids[sel], lighter, sub, self.mask_id, vocab,
+                                                            levels=torch.full((len(sub.keys),), lighter_level))).detach()
                 row_loss = row_loss + self.consistency * (after_first.float() - target.float()).pow(2).mean((1, 2))
             per_row = per_row.index_put((sel.nonzero().flatten(),), row_loss.float())
         return per_row.mean()

@@ -170,3 +170,52 @@ def test_export_refuses_a_gaussian_run_and_sampling_refuses_the_wrong_sampler(tm
 
 def test_corruption_named():
     assert [corruption_named(n).name for n in ("mask", "gaussian", "uniform")] == ["mask", "gaussian", "uniform"]
+
+
+def test_duo_flips_are_nested_keyed_and_as_many_as_the_level():
+    from grow.corruption import Duo, duo_weight
+
+    duo, rows = Duo(), Rows(tuple(range(40)), 0, TRAIN_SALT)
+    ids = torch.randint(MASK + 1, V, (40, T), generator=torch.Generator().manual_seed(5))
+    outs = {r: duo.corrupt(ids, None, rows, MASK, V, levels=torch.full((40,), r, dtype=torch.float64))
+            for r in (0.1, 0.4, 0.8)}
+    flips = {r: x != ids for r, x in outs.items()}
+    for lo, hi in ((0.1, 0.4), (0.4, 0.8)):
+        assert (flips[lo] <= flips[hi]).all()  # nested in the noise
+        assert torch.equal(outs[lo][flips[lo]], outs[hi][flips[lo]])  # the same replacement token
+    for r, f in flips.items():  # the level is the expected flipped fraction (x (V-1)/V)
+        assert f.float().mean().item() == pytest.approx(r * (V - 1) / V, abs=0.04)
+        assert not (outs[r] == MASK).any()
+    assert torch.equal(outs[0.4], duo.corrupt(ids, None, rows, MASK, V, levels=torch.full((40,), 0.4)))
+    w = duo_weight(torch.tensor([0.0, 0.3, 0.6, 1.0]), V)
+    assert (w.diff() > 0).all()
+    scale = duo.row_scale(torch.tensor([0.0, 0.3, 0.6, 1.0]), V)
+    assert scale[0] == pytest.approx(1.0, abs=1e-2) and (scale.diff() < 0).all() and scale[-1] < 0.1
+
+
+def test_duo_soft_tokens_anneal_to_the_hard_ones():
+    from grow.corruption import Duo
+
+    duo, rows, model = Duo(temperature=(1.0, 1e-6)), Rows(KEYS, 0, TRAIN_SALT), tiny_model()
+    ids = torch.randint(MASK + 1, V, (3, T), generator=torch.Generator().manual_seed(6))
+    levels = torch.full((3,), 0.5, dtype=torch.float64)
+    hard = duo.corrupt(ids, None, rows, MASK, V, levels=levels)
+    with torch.no_grad():
+        late, early = (duo.soft_inputs(model, ids, rows, levels, p) for p in (1.0, 0.0))
+        embedded = model.embed(hard)
+    assert torch.allclose(late, embedded, atol=1e-5)  # temperature 1e-6: the argmax token
+    assert not torch.allclose(early, embedded, atol=1e-3)  # temperature 1: a spread of tokens
+
+
+def test_duo_symmetric_kl_by_hand():
+    import math
+
+    from grow.corruption import Duo
+
+    eps = 0.1
+    duo = Duo(smoothing=eps)
+    logits = torch.tensor([[math.log(3.0), 0.0]])  # p = (0.75, 0.25)
+    q = torch.tensor([1 - eps + eps / 2, eps / 2])  # (0.95, 0.05), target token 0
+    p = torch.tensor([0.75, 0.25])
+    expected = (q * (q / p).log()).sum() + (p * (p / q).log()).sum()
+    assert duo.position_losses(logits, torch.tensor([0])).item() == pytest.approx(expected.item(), rel=1e-6)
