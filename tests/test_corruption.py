@@ -219,3 +219,24 @@ def test_duo_symmetric_kl_by_hand():
     p = torch.tensor([0.75, 0.25])
     expected = (q * (q / p).log()).sum() + (p * (p / q).log()).sum()
     assert duo.position_losses(logits, torch.tensor([0])).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_a_replacement_run_evaluates_on_every_token_exports_and_refines(tmp_path, corpus_file, capsys):
+    import json
+
+    run, hf = tmp_path / "run", tmp_path / "hf"
+    assert main(["train", "configs/tiny-duo.yaml", "--out", str(run), *tiny_overrides(corpus_file, steps=2)]) == 0
+    capsys.readouterr()
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(run), "--samples", "1", "--steps", "3", "--data", corpus_file, "--json", str(report)]) == 0
+    assert "does not apply to replacement noise" in capsys.readouterr().out
+    data = json.loads(report.read_text())
+    assert data["elbo"] is None and list(data["samples"]) == ["refine"]
+    assert main(["export", str(run), "--out", str(hf)]) == 0
+    meta = json.loads((hf / "grow.json").read_text())
+    assert meta["corruption"] == "duo" and meta["sampling"]["mode"] == "refine"
+    capsys.readouterr()
+    assert main(["sample", str(hf), "--mode", "refine", "--length", "6", "--steps", "3", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert len(record["trace"]) == 3 and len(record["details"]["start"][0]) == 6
+    assert main(["sample", str(hf), "--mode", "iterative", "--length", "6"]) == 2
