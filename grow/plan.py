@@ -670,6 +670,10 @@ class _Setup:
         """Weights in fp32 that bf16 autocast copies (plain PyTorch; DeepSpeed 16-bit already is)."""
         return self.cfg.train.precision == "bf16" and not self.par.half
 
+    def _soft_tokens(self) -> int:
+        """duo: the noisy one-hot and its softmax, fp32 (B, T, V) each, before the embedding matmul."""
+        return 8 * self.B * self.T * self.vocab if self.cfg.objective.corruption == "duo" else 0
+
     def _logits(self, ratio: float) -> int:
         m, h = masked_positions(ratio, self.T), self.cfg.model.hidden_size
         return self.B * m * (self.vocab * (self.a + 4) + 2 * h * self.a)
@@ -781,7 +785,10 @@ class _Setup:
         suffix_full, suffix_ckpt = self._suffix_activations(per_block)
         # FLOPs per token.
         F, F_a = block_forward_flops(m, self.T), lora_forward_flops(m, lora)
-        F_h = 2 * m.hidden_size * self.vocab * masked_positions(spec.noise.representative, self.T) / self.T
+        # Replacement noise (uniform, duo) takes its loss on every token: the head runs everywhere.
+        every = cfg.objective.corruption in ("uniform", "duo")
+        F_h = 2 * m.hidden_size * self.vocab * masked_positions(1.0 if every else spec.noise.representative,
+                                                                self.T) / self.T
         adapted_live = len(live) if lora.enabled else 0
         forward = (n + s) * F + adapted * F_a + F_h
         backward = (2 * n * F + len(live) * F + 2 * trainable_adapters * F_a
@@ -793,7 +800,8 @@ class _Setup:
             steps=spec.steps, tokens=spec.steps * cfg.train.batch_size * self.T, trainable_params=trainable,
             block_state=block_state, ends_state=ends_state, suffix=suffix, lora_state=lora_state,
             workspace=workspace, activations=trained + suffix_full, activations_ckpt=trained + suffix_ckpt,
-            logits=self._logits(spec.noise.hi), grad_ckpt=self.ckpt, flops_per_token=forward + backward + recompute,
+            logits=self._logits(1.0 if every else spec.noise.hi) + self._soft_tokens(), grad_ckpt=self.ckpt,
+            flops_per_token=forward + backward + recompute,
             gpu_memory=self.gpu_memory,
             extra={"label": spec.label, "trains": list(spec.train), "frozen_blocks": s, "adapters": adapted,
                    "trainable_adapters": trainable_adapters},

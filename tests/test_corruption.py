@@ -240,3 +240,15 @@ def test_a_replacement_run_evaluates_on_every_token_exports_and_refines(tmp_path
     record = json.loads(capsys.readouterr().out)
     assert len(record["trace"]) == 3 and len(record["details"]["start"][0]) == 6
     assert main(["sample", str(hf), "--mode", "iterative", "--length", "6"]) == 2
+
+
+def test_plan_runs_the_head_on_every_token_for_replacement_noise(corpus_file):
+    from conftest import tiny_config
+    from grow.plan import plan
+
+    mask = plan(tiny_config(corpus_file, extra=["curriculum.time=input"]))
+    uniform = plan(tiny_config(corpus_file, extra=["curriculum.time=input", "objective.corruption=uniform"]))
+    duo = plan(tiny_config(corpus_file, extra=["curriculum.time=input", "objective.corruption=duo"]))
+    for a, b, c in zip(mask.stages, uniform.stages, duo.stages):
+        assert b.flops_per_token > a.flops_per_token and b.logits >= a.logits
+        assert c.logits == b.logits + 8 * duo.micro_batch * duo.seq_len * duo.vocab

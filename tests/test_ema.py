@@ -64,3 +64,4 @@ def test_plan_counts_the_average(corpus_file):
     on = plan(tiny_config(corpus_file, extra=["train.ema=true"]))
     for a, b in zip(off.stages, on.stages):
         assert b.ema == 4 * b.trainable_params and b.total == a.total + b.ema
+
