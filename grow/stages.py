@@ -34,6 +34,7 @@ from grow.assemble import RunState, assemble, block_prefixes
 from grow.checkpoint import (PREEMPT, Preempted, checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint,
                              trained_tensors)
 from grow.config import GrowConfig
+from grow.corruption import corruption_for
 from grow.curriculum import StageSpec, stage_specs
 from grow.data import Corpus
 from grow.engine import PlainEngine, autocast, resolve_device, run_loop
@@ -304,7 +305,8 @@ def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after
             write_stage(run, spec.to_dict(), weights, manifest, max_shard_size=cfg.store.max_shard_size,
                         tokenizer=corpus.tokenizer, extra_writers=writers)
             shutil.rmtree(checkpoint_root(run, spec.name), ignore_errors=True)  # superseded by the stage
-            log(f"{spec.name} committed: held-out masked CE at {spec.noise.describe()} is "
+            what = "CE on every token" if corruption_for(cfg).replaces_tokens else "masked CE"
+            log(f"{spec.name} committed: held-out {what} at {spec.noise.describe()} is "
                 f"{result.heldout_ce:.4f} ({result.seconds:.1f} s)")
         backend.barrier()
         del model, result
