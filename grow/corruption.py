@@ -209,28 +209,36 @@ class Duo(Corruption):
     def __init__(self, temperature: Sequence[float] = (0.1, 1e-4), smoothing: float = 1e-3) -> None:
         self.t_start, self.t_end = float(temperature[0]), float(temperature[1])
         self.smoothing = smoothing
+        self._last = None
 
-    def noisy(self, ids: torch.Tensor, rows: Rows, levels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """(1 - w) onehot(x) + w g, one keyed Gaussian vector g per (sample, position): (B, T, V)."""
+    def noisy(self, ids: torch.Tensor, rows: Rows, levels: torch.Tensor, vocab_size: int,
+              mask_id: int) -> torch.Tensor:
+        """(1 - w) onehot(x) + w g, one keyed Gaussian vector g per (sample, position): (B, T, V),
+        with -inf for [MASK] (a replacement model never reads it). A training step asks twice (hard
+        tokens, soft tokens) for the same rows, so the last result is kept (read-only)."""
+        key = (rows, tuple(levels.tolist()), hash(ids.cpu().numpy().tobytes()), tuple(ids.shape), vocab_size,
+               mask_id)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
         g = gaussian_noise(rows, ids.shape[1], vocab_size).to(ids.device)
         w = duo_weight(levels, vocab_size).to(ids.device, torch.float32).view(-1, 1, 1)
         hot = torch.nn.functional.one_hot(ids, vocab_size).float()
-        return (1 - w) * hot + w * g
+        noisy = (1 - w) * hot + w * g
+        noisy[..., mask_id] = -torch.inf
+        self._last = (key, noisy)
+        return noisy
 
     def corrupt(self, ids, mask, rows, mask_id, vocab_size, levels=None):
         if levels is None:
             raise ValueError("duo corrupts by noise level; pass levels")
-        noisy = self.noisy(ids, rows, levels, vocab_size)
-        noisy[..., mask_id] = -torch.inf  # a replacement model never reads [MASK]
-        return noisy.argmax(-1)
+        return self.noisy(ids, rows, levels, vocab_size, mask_id).argmax(-1)
 
     def temperature(self, progress: float) -> float:
         """Geometric from the first to the second value of objective.duo_temperature over a stage."""
         return self.t_start * (self.t_end / self.t_start) ** min(1.0, max(0.0, progress))
 
     def soft_inputs(self, model, ids, rows, levels, progress):
-        noisy = self.noisy(ids, rows, levels, model.config.vocab_size)
-        noisy[..., model.config.mask_token_id] = -torch.inf
+        noisy = self.noisy(ids, rows, levels, model.config.vocab_size, model.config.mask_token_id)
         soft = torch.softmax(noisy / self.temperature(progress), dim=-1)
         table = model.embed_tokens.weight
         return (soft.to(table.dtype) @ table).to(model.norm.weight.dtype)
