@@ -6,8 +6,10 @@ stage's spec. A batch is a pure function of (seed, stage, step): the rows come f
 nested across levels and stages) and the per-row noise levels from ``noise.row_levels``.
 
 What a corrupted position holds is the run's corruption (``grow.corruption``: [MASK],
-Gaussian input noise or a random token). The loss is the mean over rows of each row's loss;
-a row's loss depends on ``objective.weighting`` (``row_losses``):
+Gaussian input noise, a random token, or Duo's argmax of a noisy one-hot read as soft tokens),
+and so does the per-token loss (CE; duo: symmetric KL) and any per-row scale (duo). The loss
+is the mean over rows of each row's loss; a row's loss depends on ``objective.weighting``
+(``row_losses``):
 
     mean   the mean CE over the row's loss positions (its corrupted tokens, or every token
            for replacement noise). ceil(t T) tokens are corrupted. Drawn with t ~ U(0, 1) this
@@ -27,9 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 import numpy as np
+import torch
 
 from grow.config import GrowConfig
 from grow.corruption import Rows, corruption_for, keys_rows, rows_of
