@@ -218,7 +218,10 @@ def cmd_status(args: argparse.Namespace) -> None:
     if stages:
         last = stages[-1].manifest
         if "levels" in last:
-            print(f"\nheld-out masked CE per level, the model as {stages[-1].name} left it "
+            from grow.corruption import corruption_for
+
+            what = "CE on every token" if corruption_for(config).replaces_tokens else "masked CE"
+            print(f"\nheld-out {what} per level, the model as {stages[-1].name} left it "
                   "(path = the blocks a depth sampler uses for that level; whole stack = what an export runs):")
             from grow.evaluate import commit_figures
 
