@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 
 from grow.config import GrowConfig
 from grow.convert import block_stability
+from grow.corruption import corruption_for
 from grow.curriculum import StageSpec
 from grow.errors import UserError
 from grow.model import GrowModel, add_stability, hf_config
@@ -61,8 +62,10 @@ def build_model(cfg: GrowConfig, tokenizer) -> GrowModel:
     vocab = cfg.model.vocab_size or len(tokenizer)
     if vocab < len(tokenizer):
         raise UserError(f"model.vocab_size: {vocab} is smaller than the tokenizer's {len(tokenizer)} tokens")
-    return GrowModel(hf_config(cfg.model, vocab, special_ids(tokenizer)),
-                     time_embedding=cfg.curriculum.conditioning == "embedding")
+    model = GrowModel(hf_config(cfg.model, vocab, special_ids(tokenizer)),
+                      time_embedding=cfg.curriculum.conditioning == "embedding")
+    corruption_for(cfg).install(model)  # gaussian: noise at [MASK] positions
+    return model
 
 
 @dataclass

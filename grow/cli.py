@@ -332,7 +332,10 @@ def cmd_status(args: argparse.Namespace) -> int | None:
     if stages:
         last = stages[-1].manifest
         if "levels" in last:
-            print(f"\nheld-out masked CE per level, the model as {stages[-1].name} left it "
+            from grow.corruption import corruption_for
+
+            what = "CE on every token" if corruption_for(config).replaces_tokens else "masked CE"
+            print(f"\nheld-out {what} per level, the model as {stages[-1].name} left it "
                   "(path = the blocks a depth sampler uses for that level; whole stack = what an export runs):")
             from grow.evaluate import commit_figures
 
@@ -438,7 +441,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     from grow.engine import resolve_device
     from grow.inference import load_denoiser
-    from grow.sample import animate, generate, prompt_batch, to_json
+    from grow.sample import animate, check_mode, generate, prompt_batch, to_json
 
     at_least("--length", args.length, 1)
     at_least("--num-samples", args.num_samples, 1)
@@ -461,9 +464,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if trained and trained < len(ids) + args.length <= positions:  # past the positions: an error follows
         print(f"warning: {len(ids) + args.length} tokens (prompt + --length) is more than the {trained} the model "
               "was trained on (data.seq_len); quality past that length is untested", file=sys.stderr)
-    if args.mode in ("depth", "suffix") and loaded.paths is None:
-        raise UserError(f"--mode: {args.mode} steps through noise levels tied to blocks, and {args.model} has none "
-                        "(it was trained as a whole stack on t ~ U(0, 1)); use --mode iterative or semi-ar")
+    check_mode(args.mode, loaded.corruption, loaded.paths is not None, str(args.model))
     tokenizer = loaded.tokenizer
     prompt = prompt_batch(ids, args.num_samples, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -792,8 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="RUN_OR_EXPORT", help="run directory or exported model directory")
     p.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: none)")
     p.add_argument("--length", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
-    p.add_argument("--mode", choices=("depth", "suffix", "iterative", "semi-ar"), default="depth",
-                   help="sampler (default depth)")
+    p.add_argument("--mode", choices=("depth", "suffix", "iterative", "semi-ar", "refine"), default="depth",
+                   help="sampler (default depth); refine for replacement noise (objective.corruption: uniform)")
     p.add_argument("--steps", type=int, metavar="S", help="denoising steps: iterative (default --length) or per "
                    "semi-ar block (default --block-length); depth/suffix take theirs from the schedule")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 = argmax (default 1.0)")

@@ -194,6 +194,44 @@ class CurriculumConfig:
 
 
 @dataclass(kw_only=True)
+class ObjectiveConfig:
+    """What the forward process does to a sample and how a row's loss is weighted
+    (``grow/corruption.py``, ``grow/objective.py``; docs/corruptions.md)."""
+
+    corruption: Literal["mask", "gaussian", "uniform", "duo"] = "mask"
+    """mask: corrupted positions become [MASK], loss on them (LLaDA, MDLM); gaussian: their
+    input embedding is Gaussian noise instead (design card 3), loss on them; uniform: they hold
+    uniformly random tokens and the loss is on every token (tiny-diffusion, uniform-state);
+    duo: Gaussian noise on one-hot tokens then argmax, soft tokens in training, symmetric KL on
+    every token scaled per row by the noise (Duo)."""
+    gaussian_std: float = 1.0
+    """gaussian: std of the input noise, relative to the RMS of the embedding table."""
+    weighting: Literal["mean", "llada", "elbo"] = "mean"
+    """How a row's masked CE becomes its loss: mean = the mean over its corrupted tokens (the
+    ELBO with t integrated out, count form); llada = sum / (t T) with t drawn i.i.d. per row in
+    llada_range within the stage's band (LLaDA's 1/t weight); elbo = sum / (t T) with
+    low-discrepancy t over the band (MDLM's continuous-time ELBO, antithetic/linspace t)."""
+    llada_range: list[float] = field(default_factory=lambda: [0.15, 0.99])
+    """weighting llada: the masking rates a row may draw (LLaDA-style variable 15-99 %)."""
+    duo_temperature: list[float] = field(default_factory=lambda: [0.1, 1e-4])
+    """duo: softmax temperature of the soft tokens at the start and the end of each stage
+    (annealed geometrically; near 0 the soft token is the argmax token)."""
+    duo_smoothing: float = 1e-3
+    """duo: label smoothing of the one-hot target, which keeps KL(p || q) finite."""
+
+    def __post_init__(self) -> None:
+        if not self.gaussian_std > 0:
+            raise UserError(f"objective.gaussian_std: expected > 0, got {self.gaussian_std}")
+        if len(self.duo_temperature) != 2 or not all(t > 0 for t in self.duo_temperature):
+            raise UserError(f"objective.duo_temperature: expected [start, end], both > 0, got {self.duo_temperature}")
+        if not 0 < self.duo_smoothing < 1:
+            raise UserError(f"objective.duo_smoothing: expected a value in (0, 1), got {self.duo_smoothing}")
+        lo_hi = self.llada_range
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] < lo_hi[1] <= 1:
+            raise UserError(f"objective.llada_range: expected [lo, hi] with 0 < lo < hi <= 1, got {lo_hi}")
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     """Where text comes from and how it becomes fixed-length training sequences."""
 
@@ -280,6 +318,11 @@ class TrainConfig:
     checkpoint_suffix: bool = False
     """Gradient checkpointing of the frozen suffix: recompute its activations in backward so
     activation memory does not grow with the suffix depth."""
+    ema: bool = False
+    """Keep an exponential moving average of the trained weights; held-out evaluation and
+    the committed stage (so export and sampling) use it."""
+    ema_decay: float = 0.995
+    """Decay of the EMA per optimizer step (MDLM / jif use 0.995)."""
 
     def __post_init__(self) -> None:
         _positive(self, "train", "batch_size", "log_every", "eval_batches")
@@ -303,6 +346,8 @@ class TrainConfig:
             raise UserError("train.warmup_steps and train.weight_decay must be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"train.betas: expected two numbers in [0, 1), got {self.betas}")
+        if not 0 < self.ema_decay < 1:
+            raise UserError(f"train.ema_decay: expected a decay in (0, 1), got {self.ema_decay}")
 
 
 @dataclass(kw_only=True)
@@ -425,6 +470,7 @@ class GrowConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
@@ -452,6 +498,25 @@ class GrowConfig:
                 f"data.seq_len: {self.data.seq_len} exceeds model.max_position_embeddings="
                 f"{self.model.max_position_embeddings}"
             )
+
+        self._check_objective()
+
+    def _check_objective(self) -> None:
+        """Combinations of corruption, weighting, curriculum and engine that cannot work."""
+        o, c = self.objective, self.curriculum
+        replaces = o.corruption in ("uniform", "duo")
+        if replaces and c.time == "depth":
+            raise UserError(f"objective.corruption: {o.corruption} replaces tokens, and the depth-tied samplers unmask "
+                            "positions a replacement model never sees masked; use curriculum.time=input")
+        if o.weighting != "mean" and c.time == "depth":
+            raise UserError(f"objective.weighting: {o.weighting} weights each row by 1/t, but with "
+                            "curriculum.time=depth a stage has one level (a constant); use mean or curriculum.time=input")
+        if o.weighting != "mean" and replaces:
+            raise UserError(f"objective.weighting: {o.weighting} is the absorbing-state bound; with "
+                            f"corruption={o.corruption} the loss is on every token, use weighting=mean")
+        if self.train.ema and self.train.deepspeed:
+            raise UserError("train.ema: not supported with --deepspeed (the averaged weights would need "
+                            "gathering from ZeRO partitions); drop one of them")
 
     def ratios(self) -> list[float]:
         """r_1..r_L, strictly decreasing."""

@@ -441,6 +441,9 @@ def _export(run: Path, out: Path, *, dtype, merge_into, max_shard_size, overwrit
     if model.time_embed is not None:
         raise UserError(f"RUN: {run} is conditioned on the noise level (curriculum.conditioning=embedding), which a "
                         "stock EuroBertForMaskedLM cannot express; sample and evaluate it with grow itself")
+    if cfg.objective.corruption == "gaussian":
+        raise UserError(f"RUN: {run} was trained with gaussian input noise at masked positions, which a stock "
+                        "EuroBertForMaskedLM (it embeds [MASK]) cannot reproduce; sample and evaluate it with grow itself")
     dtype = dtype or cfg.train.precision
     L = model.num_blocks
     stages, _ = committed(run, stage_specs(cfg), verify=False)  # load_run has just verified every hash
@@ -472,7 +475,9 @@ def _export(run: Path, out: Path, *, dtype, merge_into, max_shard_size, overwrit
             "curriculum": {"kind": cfg.curriculum.kind, "time": cfg.curriculum.time,
                            "final_steps": cfg.curriculum.final_steps},
             "paths": {str(k): list(v) for k, v in (level_paths(cfg) or {}).items()} or None,
-            "sampling": {**SAMPLING_DEFAULTS, "mode": "depth" if level_paths(cfg) else "iterative"},
+            "sampling": {**SAMPLING_DEFAULTS, "mode": "refine" if cfg.objective.corruption in ("uniform", "duo")
+                         else "depth" if level_paths(cfg) else "iterative"},
+            "corruption": cfg.objective.corruption,
             "merge_into": merge_into,
             "dtype": dtype,
             "seq_len": cfg.data.seq_len,

@@ -187,6 +187,9 @@ class GrowModel(nn.Module):
                            if time_embedding else None)
         # Blocks in checkpoint_blocks recompute their activations in backward (the frozen ones).
         self.checkpoint_blocks: frozenset[int] = frozenset()
+        # Set by a corruption that puts something other than the [MASK] embedding at masked
+        # positions (grow.corruption.GaussianInputs): hook(ids, embeddings, table) -> embeddings.
+        self.input_hook = None
 
     # ------------------------------------------------------------------ growth
 
@@ -256,7 +259,10 @@ class GrowModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         # The frozen embedding may be stored in 16-bit (quant.ends_dtype); blocks run in the
         # dtype of the final norm, which always matches the training precision.
-        return self.embed_tokens(input_ids).to(self.norm.weight.dtype)
+        hidden = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
+        if self.input_hook is not None:
+            hidden = self.input_hook(input_ids, hidden, self.embed_tokens.weight)
+        return hidden
 
     def forward_from(
         self, hidden: torch.Tensor, start: int | None = None, end: int | None = None, t: torch.Tensor | None = None

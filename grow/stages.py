@@ -35,6 +35,7 @@ from grow.checkpoint import (PREEMPT, Preempted, checkpoint_root, latest_checkpo
                              trained_tensors)
 from grow.config import GrowConfig
 from grow.convert import block_stability
+from grow.corruption import corruption_for
 from grow.curriculum import StageSpec, stage_specs
 from grow.data import Corpus
 from grow.engine import PlainEngine, autocast, resolve_device, run_loop
@@ -293,6 +294,8 @@ def train_stage(spec: StageSpec, corpus: Corpus, cfg: GrowConfig, backend: Backe
         )
         memory = {**stage_account(model, spec, getattr(engine, "torch_optimizer", engine.optimizer)),
                   **peak_bytes(device), "trainable_adapter_blocks": list(spec.adapters)}
+        if getattr(engine, "ema", None) is not None:
+            engine.ema.apply()  # the stage measures and commits the averaged weights
         model.eval()
         with autocast(cfg, device):
             own, levels = level_report(model, cfg, spec, corpus.heldout, corpus.mask_token_id, device)
@@ -368,7 +371,8 @@ def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after
                 checkpoint_root(run, spec.name).parent.rmdir()
             except OSError:
                 pass
-            log(f"{spec.name} committed: held-out masked CE at {spec.noise.describe()} is "
+            what = "CE on every token" if corruption_for(cfg).replaces_tokens else "masked CE"
+            log(f"{spec.name} committed: held-out {what} at {spec.noise.describe()} is "
                 f"{result.heldout_ce:.4f} ({result.seconds:.1f} s)")
         backend.barrier()
         del model, result

@@ -137,7 +137,9 @@ VARIANTS = sorted(p.name for p in __import__("pathlib").Path("configs").glob("ti
 def test_every_shipped_tiny_variant_grows_and_samples_from_the_cli(tmp_path, corpus_file, capsys, config):
     """Each curriculum/time combination (configs/tiny-*.yaml), shrunk to 2 blocks and a few steps."""
     from grow.config import load_config
+    from grow.corruption import corruption_for
     from grow.curriculum import level_paths, stage_specs
+    from grow.sample import modes_for
 
     run = tmp_path / "run"
     sets = [*tiny_overrides(corpus_file, steps=3), "--set", "curriculum.joint_steps=2"]
@@ -147,8 +149,12 @@ def test_every_shipped_tiny_variant_grows_and_samples_from_the_cli(tmp_path, cor
     cfg = load_config(f"configs/{config}", sets[1::2])
     assert sorted(list_stages(run, verify=True)) == list(range(1, len(stage_specs(cfg)) + 1))
     assert run_cli("status", run) == 0 and "complete" in capsys.readouterr().out
-    mode = "depth" if level_paths(cfg) else "iterative"
+    corruption = corruption_for(cfg)
+    mode = modes_for(corruption, level_paths(cfg) is not None)[0]  # depth, iterative or refine
     assert run_cli("sample", run, "--mode", mode, "--length", 8, "--steps", 4) == 0
-    if level_paths(cfg) is None:  # a whole-stack model has no levels to step through
+    if corruption.replaces_tokens:  # a replacement model never saw [MASK]
+        assert run_cli("sample", run, "--mode", "iterative", "--length", 8) == 2
+        assert "use --mode refine" in capsys.readouterr().err
+    elif level_paths(cfg) is None:  # a whole-stack model has no levels to step through
         assert run_cli("sample", run, "--mode", "depth", "--length", 8) == 2
         assert "--mode: depth steps through noise levels tied to blocks" in capsys.readouterr().err
