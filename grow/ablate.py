@@ -35,8 +35,9 @@ class Arm:
 
 
 # The arms, relative to the user's config (the design card's recommendation, right to left with
-# depth as time). Arms for the other corruptions and for warm starts join this list when those
-# parts exist. An arm whose overrides do not validate against the config is skipped with a note.
+# depth as time). A warm-started arm needs a checkpoint: run the ablation with
+# --set model.init_from=DIR to compare warm-started growth instead. An arm whose overrides do not
+# validate against the config is skipped with a note.
 ARMS: tuple[Arm, ...] = (
     Arm("grow", "the config as given"),
     Arm("joint", "joint baseline: every block at once, t ~ U(0, 1), time-free",
@@ -55,6 +56,12 @@ ARMS: tuple[Arm, ...] = (
     Arm("r2l-bands", "hybrid: right to left, each block on a band of t (card 4.3)", ("curriculum.time=input",)),
     Arm("l2r-depth", "hybrid: left to right with depth tied to noise (card 4.3)",
         ("curriculum.kind=left_to_right", "curriculum.time=depth")),
+    Arm("gaussian", "Gaussian-noised embeddings instead of [MASK]", ("objective.corruption=gaussian",)),
+    Arm("uniform", "random-token replacement, bands of t (CE on every token: not comparable to [MASK] CE)",
+        ("objective.corruption=uniform", "curriculum.time=input")),
+    Arm("duo", "Duo replacement noise, bands of t (CE on every token: not comparable to [MASK] CE)",
+        ("objective.corruption=duo", "curriculum.time=input")),
+    Arm("llada", "LLaDA's 1/t-weighted loss, bands of t", ("objective.weighting=llada", "curriculum.time=input")),
 )
 
 
