@@ -35,8 +35,8 @@ class Arm:
 
 
 # The arms, relative to the user's config (the design card's recommendation, right to left with
-# depth as time). A warm-started arm needs a checkpoint: run the ablation with
-# --set model.init_from=DIR to compare warm-started growth instead. An arm whose overrides do not
+# depth as time). Warm starts need a checkpoint: with a config of the checkpoint's shape,
+# --set model.init_from=DIR starts every arm from it. An arm whose overrides do not
 # validate against the config is skipped with a note.
 ARMS: tuple[Arm, ...] = (
     Arm("grow", "the config as given"),
