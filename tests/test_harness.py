@@ -1,0 +1,222 @@
+"""The lm-evaluation-harness model (``--model grow``), end to end through the real harness.
+
+A 2-block, width-32 model is grown in seconds on a corpus of a few fixed sentences in random
+order (so word order is learnable in a few steps) and exported. Tasks are the local YAMLs in
+tests/tasks/ over held-out Bible verses; lm-eval runs them (nothing of it is mocked) and the
+tests read its results dict.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the eval extra: pip install -e .[eval]")
+
+from conftest import tiny_overrides  # noqa: E402
+
+TASKS = Path(__file__).parent / "tasks"
+SENTENCES = [
+    "the lord said let there be light and there was light",
+    "god created the heavens and the earth in the beginning",
+    "the waters under the sky were gathered to one place",
+    "the land yielded seed and fruit tree after its kind",
+    "there was evening and there was morning the first day",
+    "god saw the light and saw that it was good",
+]
+
+
+def write_ordered_corpus(path: Path, n_docs: int = 80, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    docs = [f"{i}. " + ". ".join(rng.choice(SENTENCES) for _ in range(6)) + "." for i in range(n_docs)]
+    path.write_text("\n".join(docs) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("harness")
+    from grow.cli import main
+
+    corpus = write_ordered_corpus(base / "corpus.txt")
+    sets = ["train.batch_size=8", "train.lr=0.01", "model.max_position_embeddings=128", "data.seq_len=48"]
+    args = ["train", "configs/tiny.yaml", "--out", str(base / "run"), *tiny_overrides(corpus, blocks=2, steps=40)]
+    assert main(args + [x for s in sets for x in ("--set", s)]) == 0
+    return base / "run"
+
+
+@pytest.fixture(scope="module")
+def export(run, tmp_path_factory):
+    from grow.export import export_run
+
+    out = tmp_path_factory.mktemp("harness-export") / "model"
+    export_run(run, out, log=lambda s: None)
+    return out
+
+
+def evaluate(path, tasks="bible_cloze.yaml", limit=6, **model_args):
+    from grow.harness import evaluate_tasks
+
+    args = {"mc_num": 4, "batch_size": 16, **model_args}
+    return evaluate_tasks(str(path), ",".join(str(TASKS / t) for t in tasks.split(",")), limit=limit,
+                          device="cpu", log_samples=True, **args)
+
+
+def per_choice(results, task="bible_cloze"):
+    """The harness's per-request values, [(doc_id, [loglikelihood of each choice])]."""
+    return [(s["doc_id"], [r[0][0] for r in s["resps"]]) for s in results["samples"][task]]
+
+
+def test_cloze_through_the_harness_is_deterministic_and_the_same_on_the_export(run, export):
+    first = evaluate(run)
+    acc = first["results"]["bible_cloze"]["acc,none"]
+    assert 0.0 <= acc <= 1.0
+    assert first["n-samples"]["bible_cloze"]["effective"] == 6
+    scores = per_choice(first)
+    assert len(scores) == 6 and all(len(v) == 4 for _, v in scores)
+    assert all(x < 0 for _, v in scores for x in v)  # a bound on a log-probability
+    again = evaluate(run)
+    assert per_choice(again) == scores
+    assert again["results"]["bible_cloze"]["acc,none"] == acc
+    # the export is the same function: same draws, same values up to float rounding
+    exported = evaluate(export)
+    for (d1, a), (d2, b) in zip(scores, per_choice(exported)):
+        assert d1 == d2 and a == pytest.approx(b, rel=1e-4, abs=1e-4)
+    assert exported["results"]["bible_cloze"]["acc,none"] == acc
+    # another seed draws other masks
+    assert per_choice(evaluate(run, seed=1)) != scores
+
+
+def test_one_token_continuation_is_exact(run):
+    """With one continuation token every draw masks it: the value is log p(token | context), exactly."""
+    import torch
+
+    from grow.harness import GrowLM
+
+    lm = GrowLM(path=str(run), mc_num=8, batch_size=4, device="cpu")
+    ctx = lm._encode("the lord said let there")
+    token = lm._encode(" be")[:1]
+    (value, _), = lm.score_tokens([(ctx, token)])
+    ids = torch.tensor([[lm.sep, *ctx, lm.loaded.mask_id]])
+    first, last = lm._blocks(1 / ids.shape[1])
+    with torch.no_grad():
+        logits = lm.model(ids, start=first, end=last)
+    assert value == pytest.approx(float(torch.log_softmax(logits[0, -1].double(), -1)[token[0]]), abs=1e-6)
+
+
+def test_level_paths_and_whole_stack(run):
+    from grow.harness import GrowLM
+
+    lm = GrowLM(path=str(run), mc_num=2, device="cpu")
+    assert lm.stack == "level" and lm.loaded.paths  # grown right to left: tied to depth
+    r1, r2 = lm.loaded.ratios
+    assert lm._blocks(r1) == lm.loaded.level_path(1) == (1, 2)
+    assert lm._blocks(r2) == lm.loaded.level_path(2) == (2, 2)
+    assert GrowLM(path=str(run), mc_num=2, device="cpu", stack="whole")._blocks(r2) == (None, None)
+
+
+def test_true_continuation_beats_a_shuffled_one(run):
+    from grow.harness import GrowLM
+
+    lm = GrowLM(path=str(run), mc_num=16, batch_size=64, device="cpu")
+    rng = random.Random(0)
+    true, shuffled = [], []
+    for sentence in SENTENCES:
+        words = sentence.split()
+        context, rest = " ".join(words[:4]), words[4:]
+        mixed = rest[:]
+        while mixed == rest:
+            rng.shuffle(mixed)
+        pairs = [lm._encode_pair(context, " " + " ".join(w)) for w in (rest, mixed)]
+        (a, _), (b, _) = lm.score_tokens(pairs)
+        true.append(a)
+        shuffled.append(b)
+    assert sum(true) / len(true) > sum(shuffled) / len(shuffled)
+    assert sum(t > s for t, s in zip(true, shuffled)) >= len(SENTENCES) - 1
+
+
+@pytest.mark.parametrize("counts,masks", [("antithetic", "nested"), ("iid", "independent")])
+def test_mask_draws(counts, masks):
+    import numpy as np
+
+    from grow.harness import mask_draws
+
+    draws = mask_draws(7, 10, np.random.default_rng(0), counts, masks)
+    assert len(draws) == 10 and all(1 <= len(d) <= 7 and set(d) <= set(range(7)) for d in draws)
+    assert draws == mask_draws(7, 10, np.random.default_rng(0), counts, masks)
+    if masks == "nested":  # every mask is a subset or superset of every other
+        assert all(set(a) <= set(b) or set(b) <= set(a) for a in draws for b in draws)
+    if counts == "antithetic":
+        assert all(len(draws[i]) + len(draws[i + 1]) == 8 for i in range(0, 10, 2))
+
+
+def test_stratified_counts_cover_every_level():
+    import numpy as np
+
+    from grow.harness import mask_draws
+
+    sizes = sorted(len(d) for d in mask_draws(5, 10, np.random.default_rng(3)))
+    assert sizes == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+
+
+def test_rolling_and_generation_tasks(run):
+    results = evaluate(run, "bible_verses.yaml,bible_continue.yaml", limit=3)
+    ppl = results["results"]["bible_verses"]
+    assert ppl["word_perplexity,none"] > 1 and ppl["bits_per_byte,none"] > 0
+    outputs = [s["resps"][0][0] for s in results["samples"]["bible_continue"]]
+    assert len(outputs) == 3
+    assert all("." not in text and "\n" not in text for text in outputs)  # cut at `until`
+    assert "exact_match,first_word" in results["results"]["bible_continue"]
+
+
+def test_generation_honours_until_and_is_deterministic(run):
+    from lm_eval.api.instance import Instance
+
+    from grow.harness import GrowLM
+
+    lm = GrowLM(path=str(run), device="cpu", mode="iterative", steps=4)
+    request = Instance("generate_until", {}, ("the lord said", {"until": ["light"], "max_gen_toks": 12}), 0)
+    free = Instance("generate_until", {}, ("the lord said", {"until": [], "max_gen_toks": 12}), 1)
+    cut, full = lm.generate_until([request, free])
+    assert lm.generate_until([request, free]) == [cut, full]
+    assert "light" not in cut and full.startswith(cut)
+
+
+def test_grow_eval_tasks_prints_accuracy(run, tmp_path, capsys):
+    from grow.cli import main
+
+    out = tmp_path / "results.json"
+    code = main(["eval", str(run), "--tasks", str(TASKS / "bible_cloze.yaml"), "--limit", "4", "--mc-num", "2",
+                 "--device", "cpu", "--json", str(out)])
+    assert code in (None, 0)
+    printed = capsys.readouterr().out
+    assert "bible_cloze" in printed and "acc" in printed
+    assert "acc,none" in json.loads(out.read_text())["results"]["bible_cloze"]
+
+
+def test_bad_model_args_are_one_line_errors(run, tmp_path):
+    from grow.errors import UserError
+    from grow.harness import GrowLM, task_manager_for
+
+    with pytest.raises(UserError, match="mc_num"):
+        GrowLM(path=str(run), mc_num=0)
+    with pytest.raises(UserError, match="unknown option"):
+        GrowLM(path=str(run), temprature=1.0)
+    with pytest.raises(UserError, match="RUN_OR_EXPORT"):
+        GrowLM(path=str(tmp_path))
+    with pytest.raises(UserError, match="no task file"):
+        task_manager_for(str(tmp_path / "missing.yaml"))
+
+
+def test_registered_with_the_harness(run):
+    import lm_eval.api.registry
+
+    import grow.harness
+
+    assert lm_eval.api.registry.get_model("grow") is grow.harness.GrowLM
+    lm = lm_eval.api.registry.get_model("grow").create_from_arg_string(
+        f"path={run},mc_num=3,seed=5", {"batch_size": "8", "device": "cpu"})
+    assert (lm.mc_num, lm.seed, lm.batch_size) == (3, 5, 8)
