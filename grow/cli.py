@@ -383,13 +383,11 @@ def _eval_tasks(args: argparse.Namespace) -> None:
 
     if importlib.util.find_spec("lm_eval") is None:
         raise UserError("--tasks: needs lm-eval, the eval extra: pip install -e '.[eval]'")
-    from lm_eval.utils import make_table
-
     from grow import harness
 
     results = harness.evaluate_tasks(args.model, args.tasks, mc_num=args.mc_num, batch_size=args.batch_size or 32,
                                      seed=args.seed, limit=args.limit, device=args.device)
-    print(make_table(results))
+    print(harness.results_table(results))
     if args.json:
         Path(args.json).write_text(harness.results_json(results))
         print(f"eval: wrote {args.json}", file=sys.stderr)

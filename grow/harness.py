@@ -447,6 +447,25 @@ def evaluate_tasks(model: str, tasks: str, *, mc_num: int = 32, batch_size: int 
                                    torch_random_seed=seed, fewshot_random_seed=seed)
 
 
+def results_table(results: dict[str, Any]) -> str:
+    """One line per task and metric: value and standard error, as lm-eval reports them.
+
+    (lm-eval's own ``make_table`` needs pytablewriter >= 1, which the pinned python-dateutil
+    4 rules out; the 0.x pytablewriter that pip picks instead prints letters as headers.)
+    """
+    lines = [f"{'task':<24} {'metric':<18} {'filter':<12} {'value':>9} {'stderr':>9}  n"]
+    for task, metrics in results["results"].items():
+        n = results.get("n-samples", {}).get(task, {}).get("effective", "")
+        for key, value in metrics.items():
+            if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):
+                continue
+            metric, filt = key.split(",", 1)
+            stderr = metrics.get(f"{metric}_stderr,{filt}")
+            err = f"{stderr:.4f}" if isinstance(stderr, (int, float)) else "-"
+            lines.append(f"{task:<24} {metric:<18} {filt:<12} {value:>9.4f} {err:>9}  {n}")
+    return "\n".join(lines)
+
+
 def results_json(results: dict[str, Any]) -> str:
     from lm_eval.utils import handle_non_serializable
 
