@@ -1,7 +1,7 @@
 """The lm-evaluation-harness model (``--model grow``), end to end through the real harness.
 
-A 2-block, width-32 model is grown in seconds on a corpus of a few fixed sentences in random
-order (so word order is learnable in a few steps) and exported. Tasks are the local YAMLs in
+A 2-block, width-32 model is grown in seconds on a corpus that cycles through a fixed list of
+words (so word order is learnable in a hundred steps) and exported. Tasks are the local YAMLs in
 tests/tasks/ over held-out Bible verses; lm-eval runs them (nothing of it is mocked) and the
 tests read its results dict.
 """
@@ -19,19 +19,17 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the eval extra: pip 
 from conftest import tiny_overrides  # noqa: E402
 
 TASKS = Path(__file__).parent / "tasks"
-SENTENCES = [
-    "the lord said let there be light and there was light",
-    "god created the heavens and the earth in the beginning",
-    "the waters under the sky were gathered to one place",
-    "the land yielded seed and fruit tree after its kind",
-    "there was evening and there was morning the first day",
-    "god saw the light and saw that it was good",
-]
+CYCLE = ("in the beginning god created the heavens and earth then light was good evening morning day "
+         "waters under sky").split()
 
 
-def write_ordered_corpus(path: Path, n_docs: int = 80, seed: int = 0) -> str:
+def write_cycle_corpus(path: Path, n_docs: int = 80, seed: int = 0) -> str:
+    """Documents of 60 words, each a stretch of CYCLE (repeating) from a random start."""
     rng = random.Random(seed)
-    docs = [f"{i}. " + ". ".join(rng.choice(SENTENCES) for _ in range(6)) + "." for i in range(n_docs)]
+    docs = []
+    for _ in range(n_docs):
+        start = rng.randrange(len(CYCLE))
+        docs.append(" ".join(CYCLE[(start + j) % len(CYCLE)] for j in range(60)))
     path.write_text("\n".join(docs) + "\n")
     return str(path)
 
@@ -41,8 +39,10 @@ def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("harness")
     from grow.cli import main
 
-    corpus = write_ordered_corpus(base / "corpus.txt")
-    sets = ["train.batch_size=8", "train.lr=0.01", "model.max_position_embeddings=128", "data.seq_len=48"]
+    corpus = write_cycle_corpus(base / "corpus.txt")
+    # block 2 (the lightest level, which also learns the embedding and head) gets the steps
+    sets = ["train.batch_size=8", "train.lr=0.003", "train.steps=[20,100]", "model.max_position_embeddings=128",
+            "data.seq_len=48"]
     args = ["train", "configs/tiny.yaml", "--out", str(base / "run"), *tiny_overrides(corpus, blocks=2, steps=40)]
     assert main(args + [x for s in sets for x in ("--set", s)]) == 0
     return base / "run"
@@ -97,8 +97,8 @@ def test_one_token_continuation_is_exact(run):
     from grow.harness import GrowLM
 
     lm = GrowLM(path=str(run), mc_num=8, batch_size=4, device="cpu")
-    ctx = lm._encode("the lord said let there")
-    token = lm._encode(" be")[:1]
+    ctx = lm._encode("in the beginning god")
+    token = lm._encode(" created")[:1]
     (value, _), = lm.score_tokens([(ctx, token)])
     ids = torch.tensor([[lm.sep, *ctx, lm.loaded.mask_id]])
     first, last = lm._blocks(1 / ids.shape[1])
@@ -119,23 +119,23 @@ def test_level_paths_and_whole_stack(run):
 
 
 def test_true_continuation_beats_a_shuffled_one(run):
+    """The model has learnt the corpus' word order: the bound prefers the true next six words to
+    the same words shuffled (a bag-of-words model could not tell them apart)."""
     from grow.harness import GrowLM
 
     lm = GrowLM(path=str(run), mc_num=16, batch_size=64, device="cpu")
     rng = random.Random(0)
-    true, shuffled = [], []
-    for sentence in SENTENCES:
-        words = sentence.split()
+    margins = []
+    for start in range(0, len(CYCLE), 3):
+        words = [CYCLE[(start + j) % len(CYCLE)] for j in range(10)]
         context, rest = " ".join(words[:4]), words[4:]
         mixed = rest[:]
         while mixed == rest:
             rng.shuffle(mixed)
-        pairs = [lm._encode_pair(context, " " + " ".join(w)) for w in (rest, mixed)]
-        (a, _), (b, _) = lm.score_tokens(pairs)
-        true.append(a)
-        shuffled.append(b)
-    assert sum(true) / len(true) > sum(shuffled) / len(shuffled)
-    assert sum(t > s for t, s in zip(true, shuffled)) >= len(SENTENCES) - 1
+        (true, _), (shuffled, _) = lm.score_tokens([lm._encode_pair(context, " " + " ".join(w)) for w in (rest, mixed)])
+        margins.append(true - shuffled)
+    assert sum(margins) / len(margins) > 1.0  # nats
+    assert sum(m > 0 for m in margins) >= len(margins) - 1
 
 
 @pytest.mark.parametrize("counts,masks", [("antithetic", "nested"), ("iid", "independent")])
@@ -178,8 +178,8 @@ def test_generation_honours_until_and_is_deterministic(run):
     from grow.harness import GrowLM
 
     lm = GrowLM(path=str(run), device="cpu", mode="iterative", steps=4)
-    request = Instance("generate_until", {}, ("the lord said", {"until": ["light"], "max_gen_toks": 12}), 0)
-    free = Instance("generate_until", {}, ("the lord said", {"until": [], "max_gen_toks": 12}), 1)
+    request = Instance("generate_until", {}, ("in the beginning", {"until": ["light"], "max_gen_toks": 12}), 0)
+    free = Instance("generate_until", {}, ("in the beginning", {"until": [], "max_gen_toks": 12}), 1)
     cut, full = lm.generate_until([request, free])
     assert lm.generate_until([request, free]) == [cut, full]
     assert "light" not in cut and full.startswith(cut)
