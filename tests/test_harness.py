@@ -220,3 +220,20 @@ def test_registered_with_the_harness(run):
     lm = lm_eval.api.registry.get_model("grow").create_from_arg_string(
         f"path={run},mc_num=3,seed=5", {"batch_size": "8", "device": "cpu"})
     assert (lm.mc_num, lm.seed, lm.batch_size) == (3, 5, 8)
+
+
+def test_a_joint_time_conditioned_run_runs_as_a_whole_stack(tmp_path):
+    """No level paths (trained jointly on t ~ U(0, 1)) and the noise level as an input: the whole
+    stack is run, given each draw's masked fraction; generation defaults to the iterative sampler."""
+    from grow.cli import main
+    from grow.harness import GrowLM
+
+    corpus = write_cycle_corpus(tmp_path / "corpus.txt", n_docs=30)
+    assert main(["train", "configs/tiny-joint-embedding.yaml", "--out", str(tmp_path / "run"),
+                 *tiny_overrides(corpus, blocks=2, steps=3)]) == 0
+    lm = GrowLM(path=str(tmp_path / "run"), mc_num=4, device="cpu")
+    assert lm.loaded.paths is None and lm.loaded.time_input
+    assert lm.stack == "whole" and lm.mode == "iterative"
+    pairs = [lm._encode_pair("in the beginning", " god created the heavens")]
+    (value, _), = lm.score_tokens(pairs)
+    assert value < 0 and lm.score_tokens(pairs)[0][0] == value
