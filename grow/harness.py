@@ -217,6 +217,7 @@ class GrowLM(LM):
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
         pairs, owner = [], []
+        # the document-start token; a tokenizer without one gets a mask, which is never scored
         prefix = self.sep if self.sep is not None else self.loaded.mask_id
         for i, req in enumerate(requests):
             tokens = self._encode(req.args[0])
@@ -324,16 +325,17 @@ class GrowLM(LM):
         is_greedy: with every continuation token masked, each one is the network's argmax.
         """
         rows = [row for i, (ctx, cont) in enumerate(pairs) for row in self._rows(i, ctx, cont, prepend)]
+        # one forward per batch of rows of one length run through the same blocks (no padding:
+        # the model has no attention mask); a time-conditioned model gets each row's own level
         groups: dict[tuple, list[_Row]] = defaultdict(list)
         for row in rows:
-            ratio = len(row.masked) / len(row.tokens)
-            groups[(len(row.tokens), self._blocks(ratio), ratio if self.loaded.time_input else None)].append(row)
+            groups[(len(row.tokens), self._blocks(len(row.masked) / len(row.tokens)))].append(row)
         nll = [0.0] * len(pairs)
         greedy = [True] * len(pairs)
         mask_id = self.loaded.mask_id
         batches = [(key, group[i:i + self.batch_size]) for key, group in sorted(groups.items(), key=_group_order)
                    for i in range(0, len(group), self.batch_size)]
-        for (_, (first, last), _), batch in tqdm(batches, desc="grow loglikelihood", disable=disable_tqdm):
+        for (_, (first, last)), batch in tqdm(batches, desc="grow loglikelihood", disable=disable_tqdm):
             ids = torch.tensor([row.tokens for row in batch], device=self._device)
             where = torch.zeros_like(ids, dtype=torch.bool)
             for b, row in enumerate(batch):
@@ -359,8 +361,8 @@ class GrowLM(LM):
 
 
 def _group_order(item):
-    (length, (first, last), ratio), _ = item
-    return (length, first or 0, last or 0, -1.0 if ratio is None else ratio)
+    (length, (first, last)), _ = item
+    return (length, first or 0, last or 0)
 
 
 def _seed_of(key: list[int]) -> int:

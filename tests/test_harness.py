@@ -172,17 +172,24 @@ def test_rolling_and_generation_tasks(run):
     assert "exact_match,first_word" in results["results"]["bible_continue"]
 
 
-def test_generation_honours_until_and_is_deterministic(run):
+@pytest.mark.parametrize("mode", ["depth", "suffix", "iterative", "semi-ar"])
+def test_generation_honours_until_and_is_deterministic(run, mode):
     from lm_eval.api.instance import Instance
 
     from grow.harness import GrowLM
 
-    lm = GrowLM(path=str(run), device="cpu", mode="iterative", steps=4)
-    request = Instance("generate_until", {}, ("in the beginning", {"until": ["light"], "max_gen_toks": 12}), 0)
-    free = Instance("generate_until", {}, ("in the beginning", {"until": [], "max_gen_toks": 12}), 1)
-    cut, full = lm.generate_until([request, free])
-    assert lm.generate_until([request, free]) == [cut, full]
-    assert "light" not in cut and full.startswith(cut)
+    lm = GrowLM(path=str(run), device="cpu", mode=mode, steps=4, block_length=5, temperature=1.0)
+
+    def request(until):
+        return Instance("generate_until", {}, ("in the beginning", {"until": until, "max_gen_toks": 12}), 0)
+
+    full, = lm.generate_until([request([])])
+    assert lm.generate_until([request([])]) == [full]  # the sampler's seed comes from (seed, prompt)
+    text = full.strip()
+    assert len(text) >= 4, full
+    stop = text[len(text) // 2:][:2]  # a string the free generation contains: the same draw, cut there
+    cut, = lm.generate_until([request(["zzz", stop])])
+    assert cut == full[: full.index(stop)]
 
 
 def test_grow_eval_tasks_prints_accuracy(run, tmp_path, capsys):
