@@ -218,6 +218,20 @@ def test_bad_model_args_are_one_line_errors(run, tmp_path):
         task_manager_for(str(tmp_path / "missing.yaml"))
 
 
+def test_grow_eval_tasks_errors_are_one_line(run, tmp_path, capsys):
+    from grow.cli import main
+
+    yaml = str(TASKS / "bible_cloze.yaml")
+    for extra, message in [(["--levels"], "--tasks: runs lm-eval tasks"),
+                           (["--mc-num", "0"], "mc_num: expected a positive integer")]:
+        assert main(["eval", str(run), "--tasks", yaml, "--device", "cpu", *extra]) == 2
+        err = capsys.readouterr().err
+        assert [line for line in err.splitlines() if line.startswith("grow: error:")] == [
+            next(line for line in err.splitlines() if message in line)]
+    assert main(["eval", str(run), "--tasks", str(tmp_path / "nope.yaml")]) == 2
+    assert "no task file" in capsys.readouterr().err
+
+
 def test_registered_with_the_harness(run):
     import lm_eval.api.registry
 
