@@ -65,6 +65,7 @@ from lm_eval.api.registry import model_registry, register_model
 from tqdm.auto import tqdm
 
 from grow.errors import UserError
+from grow.noise import nested_mask
 
 # A score stream of its own, apart from training (0) and held-out (1) masks (grow.noise).
 HARNESS_SALT = 2
@@ -93,9 +94,9 @@ def mask_draws(n: int, mc_num: int, rng: np.random.Generator, counts: str = "str
     else:
         raise UserError(f"counts: expected one of {', '.join(COUNTS)}, got {counts!r}")
     m = np.clip(m, 1, n)
-    if masks == "nested":
-        order = np.argsort(rng.random(n), kind="stable")
-        return [tuple(sorted(order[:k].tolist())) for k in m]
+    if masks == "nested":  # one score per token for all draws: draw j masks the m_j lowest
+        scores = torch.from_numpy(rng.random((1, n)))
+        return [tuple(nested_mask(scores, k / n)[0].nonzero().flatten().tolist()) for k in m]
     if masks != "independent":
         raise UserError(f"masks: expected one of {', '.join(MASKS)}, got {masks!r}")
     return [tuple(sorted(np.argsort(rng.random(n), kind="stable")[:k].tolist())) for k in m]
@@ -107,16 +108,14 @@ class _Row:
 
     request: int
     tokens: tuple[int, ...]
-    start: int          # where the continuation starts in tokens
-    masked: tuple[int, ...]  # masked continuation positions, relative to start
-    weight: float       # how many of the request's draws this row stands for
-    greedy: bool = False  # the all-masked row whose argmax decides is_greedy
-
-
-def _to_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes")
-    return bool(value)
+    start: int
+    """Where the continuation starts in ``tokens``."""
+    masked: tuple[int, ...]
+    """The masked continuation positions, relative to ``start``."""
+    weight: float
+    """How many of the request's draws this row stands for (0: only for is_greedy)."""
+    greedy: bool = False
+    """The all-masked row, whose argmaxes decide is_greedy."""
 
 
 class GrowLM(LM):
