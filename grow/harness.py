@@ -30,8 +30,8 @@ nearest that fraction (``Loaded.level_path``), as the depth samplers do; a model
 paths runs its whole stack; ``stack=whole`` forces the whole stack.
 
 ``loglikelihood_rolling``: the same bound for a whole document after the separator token, in
-windows of ``max_length`` tokens, each window conditioned on the tokens before it in that
-window (lm-eval's rolling windows); a lower bound on the log-likelihood, so perplexities
+lm-eval's rolling windows of ``max_length`` tokens; each window after the first scores its new
+half given the half before it; a lower bound on the log-likelihood, so perplexities
 derived from it are upper bounds. ``generate_until``: grow's samplers (``grow.sample``;
 ``mode``, ``steps``, ``block_length``, ``gen_length`` model args), the output cut at the first
 ``until`` string and at the end-of-document token.
@@ -220,8 +220,12 @@ class GrowLM(LM):
         prefix = self.sep if self.sep is not None else self.loaded.mask_id
         for i, req in enumerate(requests):
             tokens = self._encode(req.args[0])
-            # max_seq_len + 1 tokens per window (context and predicted) must fit max_length
-            for window in get_rolling_token_windows(tokens, prefix, self.max_length - 1, 1):
+            # max_seq_len + 1 tokens per window (context and predicted) must fit max_length. A
+            # causal model sees the window's earlier tokens as context whatever context_len is;
+            # the bound scores a window's new tokens jointly, given only the window's context
+            # part, so windows after the first keep half of it as context.
+            windows = get_rolling_token_windows(tokens, prefix, self.max_length - 1, max(1, self.max_length // 2))
+            for window in windows:
                 context, continuation = make_disjoint_window(window)
                 pairs.append((list(context), list(continuation)))
                 owner.append(i)

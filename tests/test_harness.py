@@ -258,3 +258,28 @@ def test_a_joint_time_conditioned_run_runs_as_a_whole_stack(tmp_path):
     pairs = [lm._encode_pair("in the beginning", " god created the heavens")]
     (value, _), = lm.score_tokens(pairs)
     assert value < 0 and lm.score_tokens(pairs)[0][0] == value
+
+
+def test_rolling_windows_cover_a_long_document_once(run):
+    """A document longer than max_length is scored in windows: every token once, each window
+    within max_length, later windows with half a window of context."""
+    from lm_eval.api.instance import Instance
+
+    from grow.harness import GrowLM
+
+    lm = GrowLM(path=str(run), mc_num=2, device="cpu", max_length=16)
+    text = " ".join(CYCLE * 3)
+    seen = []
+    score = lm.score_tokens
+
+    def recording(pairs, **kw):
+        seen.extend(pairs)
+        return score(pairs, **kw)
+
+    lm.score_tokens = recording
+    total, = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    tokens = lm._encode(text)
+    assert [t for _, cont in seen for t in cont] == tokens
+    assert len(seen) > 2 and all(len(c) + len(x) <= 16 for c, x in seen)
+    assert all(len(c) >= 8 for c, _ in seen[1:])
+    assert total == pytest.approx(sum(v for v, _ in score(seen, prepend=False)))
