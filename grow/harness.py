@@ -156,7 +156,10 @@ class GrowLM(LM):
         self.mc_num = _positive_int(mc_num, "mc_num")
         # lm-eval passes its --batch_size here ("auto" sizes nothing for us: use the default)
         self.batch_size = 32 if str(batch_size).startswith("auto") else _positive_int(batch_size, "batch_size")
-        self.seed = int(seed)
+        try:
+            self.seed = int(seed)
+        except (TypeError, ValueError):
+            raise UserError(f"seed: expected an integer, got {seed!r}") from None
         if counts not in COUNTS:
             raise UserError(f"counts: expected one of {', '.join(COUNTS)}, got {counts!r}")
         if masks not in MASKS:
@@ -479,9 +482,15 @@ def results_json(results: dict[str, Any]) -> str:
 
 def main() -> None:
     """``python -m grow.harness ...``: lm-eval's own command line, with ``--model grow`` known."""
+    import sys
+
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except UserError as exc:  # grow's own input errors: one line, exit 2, as from `grow`
+        print(f"grow: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
