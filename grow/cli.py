@@ -269,7 +269,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from grow.plan import fit, plan, read_deepspeed, render
     from grow.units import parse_bytes
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set or [])
     try:
         gpu_memory = parse_bytes(args.gpu_memory)
     except ValueError as exc:
@@ -391,6 +391,27 @@ def _eval_tasks(args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).write_text(harness.results_json(results))
         print(f"eval: wrote {args.json}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------ ablate
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from grow.ablate import run_ablation
+
+    if args.budget is not None and args.budget < 1:
+        raise UserError(f"--budget: expected a positive number of tokens, got {args.budget}")
+    if args.samples < 0 or args.steps < 1:
+        raise UserError("--samples must be >= 0 and --steps >= 1")
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    out = Path(args.out)
+    run_ablation(args.config, out, sets=args.set or [], budget=args.budget, only=args.only, samples=args.samples,
+                 steps=args.steps, exports=not args.no_export, log=log)
+    print((out / "ablation.md").read_text())
+    log(f"ablate: wrote {out / 'ablation.md'}, {out / 'ablation.json'} and {out / 'ablation.png'}")
 
 
 # ------------------------------------------------------------------------ export
@@ -533,6 +554,7 @@ COMMANDS = {
     "plan": cmd_plan,
     "export": cmd_export,
     "data": cmd_data,
+    "ablate": cmd_ablate,
 }
 
 
@@ -578,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "checkpointing of the suffix), whether it fits, FLOPs per token and the wall time. "
                        "Pure arithmetic: runs in seconds for any shape.")
     p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config field, as for grow train (repeatable)")
     p.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs (default 1)")
     p.add_argument("--gpu-memory", default="80GiB", metavar="SIZE", help="memory per GPU (default 80GiB)")
     p.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config: ZeRO stage, offload, bf16 "
@@ -708,6 +732,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.add_argument("--revision", metavar="BRANCH", help="with --push-to-hub: upload to this branch (created "
                    "if missing)")
+
+    from grow.ablate import arm_names
+
+    p = sub.add_parser("ablate", help="growth against the joint baseline, every part switched off in turn",
+                       description="Train the arms one after another on the same data, shape, tokenizer, seed and "
+                       "token budget, each as an ordinary run in OUT/arms/NAME, measure every arm the same way "
+                       "(CE per level through each path and the whole stack, the MDLM bound, sample statistics "
+                       "with a bigram judge, throughput, time, memory, both export merges) and write "
+                       "OUT/ablation.md, .json and .png. Run it again to continue a killed ablation. Arms: "
+                       + ", ".join(arm_names()) + ".")
+    p.add_argument("config", metavar="CONFIG", help="YAML config of the `grow` arm; the others change it")
+    p.add_argument("--out", required=True, metavar="DIR", help="ablation directory (continued when it exists)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field for "
+                   "every arm (repeatable)")
+    p.add_argument("--budget", type=int, metavar="TOKENS", help="training tokens per arm, spread over its stages "
+                   "in the config's proportions (default: what the config's own stages spend)")
+    p.add_argument("--only", metavar="ARM,ARM", help="run only these arms")
+    p.add_argument("--samples", type=int, default=4, metavar="N", help="samples per sampler and arm (default 4)")
+    p.add_argument("--steps", type=int, default=32, metavar="S", help="iterative/semi-ar steps (default 32)")
+    p.add_argument("--no-export", action="store_true", help="skip exporting each arm with both merge modes")
     return parser
 
 

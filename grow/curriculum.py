@@ -106,8 +106,8 @@ def _adapters(frozen: list[int], near: int, window: int | None, enabled: bool) -
 
 
 def _total_steps(cfg: GrowConfig) -> int:
-    steps = cfg.train.steps
-    return sum(steps) if isinstance(steps, list) else steps
+    """What growth would spend on its blocks: train.steps summed (one number = per block)."""
+    return sum(cfg.steps_for(k) for k in range(1, cfg.model.num_blocks + 1))
 
 
 def band(ratios: list[float], k: int, factor: float) -> Noise:
@@ -190,7 +190,10 @@ def changed_levels(spec: StageSpec, paths: dict[int, tuple[int, int]]) -> tuple[
     changes every path.
     """
     trained = set(spec.train) | set(spec.adapters)
-    own = (spec.first, spec.last)  # the stage's own rows already run this path
+    # A stage tied to a level already trains its own path at that level. A stage on a band or
+    # on U(0, 1) (the whole-stack stage) does not: the level whose path it runs (level 1 grown
+    # right to left) is anchored like the others, at its own r.
+    own = (spec.first, spec.last) if spec.level is not None else None
     return tuple(k for k, (a, b) in sorted(paths.items())
                  if k != spec.level and (a, b) != own and spec.first <= a and b <= spec.last
                  and trained & set(range(a, b + 1)))

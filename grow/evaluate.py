@@ -266,6 +266,7 @@ def evaluate_denoiser(
     modes: Sequence[str] | None = None,
     steps: int = 64,
     levels_only: bool = False,
+    score_samples: Callable[[list[list[int]]], dict[str, float]] | None = None,
     log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Everything ``grow eval`` reports for a loaded denoiser (``grow.inference.Loaded``).
@@ -276,7 +277,9 @@ def evaluate_denoiser(
     - the whole stack and every level path on a grid of ratios;
     - the MDLM bound of the whole stack (nats and bits per token, perplexity bound);
     - per sampler mode the model supports: ``samples`` unconditional samples at temperature 1,
-      their statistics and the sampler's throughput in generated tokens per second.
+      their statistics and the sampler's throughput in generated tokens per second;
+      ``score_samples`` adds figures of its own computed from the generated ids (``grow ablate``'s
+      n-gram judge).
     """
     from grow import sample as sampling
 
@@ -345,6 +348,8 @@ def evaluate_denoiser(
                 "options": {"temperature": 1.0, **opts},
                 "texts": [tok.decode(s, skip_special_tokens=True) for s in ids],
             }
+            if score_samples is not None:
+                report["samples"][mode].update(score_samples(ids))
         log(f"eval: {samples} samples per mode ({time.perf_counter() - start:.1f}s)")
     return report
 

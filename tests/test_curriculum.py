@@ -15,7 +15,8 @@ from grow.stages import committed
 
 
 def cfg_of(*sets, blocks=4):
-    base = [f"model.num_blocks={blocks}", "schedule.ratios=null", "schedule.r_min=0.1", "train.steps=5"]
+    base = [f"model.num_blocks={blocks}", "schedule.ratios=null", "schedule.r_min=0.1", "train.steps=5",
+            "curriculum.final_steps=0", "curriculum.anchor=0.0"]  # growth only, unless a test asks
     return load_config("configs/tiny.yaml", [*base, *sets])
 
 
@@ -81,6 +82,8 @@ def test_joint_trains_everything_at_once_for_the_whole_budget_and_a_final_stage_
     (spec,) = stage_specs(cfg)
     assert (spec.label, spec.train, spec.trains_ends, spec.noise, spec.steps) == (
         "joint", (1, 2, 3, 4), True, Noise(0.0, 1.0), 10)
+    # one number is the steps of every growth stage, so the joint budget is L times it
+    assert stage_specs(cfg_of("curriculum.kind=joint", "curriculum.time=input"))[0].steps == 4 * 5
     final = stage_specs(cfg_of("curriculum.final_steps=9"))[-1]
     assert (final.name, final.first, final.last, final.train, final.adapters, final.trains_ends, final.steps) == (
         "stage-05-whole", 1, 4, (), (1, 2, 3, 4), False, 9)
@@ -88,7 +91,8 @@ def test_joint_trains_everything_at_once_for_the_whole_budget_and_a_final_stage_
 
 def test_anchors_are_the_other_levels_whose_paths_hold_something_the_stage_trains():
     specs = stage_specs(cfg_of("curriculum.anchor=0.25", "curriculum.final_steps=3"))
-    assert [s.anchors for s in specs] == [(), (4,), (3, 4), (2, 3, 4), (2, 3, 4)]  # the whole stage runs path 1
+    # the whole-stack stage trains on U(0, 1), so it anchors level 1 (its own path) at r_1 as well
+    assert [s.anchors for s in specs] == [(), (4,), (3, 4), (2, 3, 4), (1, 2, 3, 4)]
     assert all(s.anchor_fraction == 0.25 for s in specs)
     assert [s.anchors for s in stage_specs(cfg_of("curriculum.anchor=0.25", "lora.blocks=1"))] == [
         (), (4,), (3,), (2,)]  # a frozen adapter leaves its paths alone

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import tiny_overrides, write_corpus
 from grow.store import list_stages
@@ -75,9 +76,9 @@ def assert_close_weights(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
     assert (a - b).abs().max().item() <= 4 * 3e-3, name  # 4 steps x lr: Adam's per-step bound
 
 
-def weights(run):
+def weights(run, count=2):
     stages = list_stages(run, verify=True)
-    assert sorted(stages) == [1, 2]
+    assert sorted(stages) == list(range(1, count + 1))
     return {k: s.weights() for k, s in stages.items()}, {k: s.manifest for k, s in stages.items()}
 
 
@@ -172,6 +173,25 @@ def test_two_ranks_grow_left_to_right_with_per_row_levels_like_one_rank(tmp_path
         for name in w1[k]:
             assert_close_weights(w1[k][name], w2[k][name], name)
     assert m1[2]["stage"]["train"] == [2] and "model.layers.0.mlp.up_proj.weight" not in w1[2]  # block 1 frozen
+
+
+def test_two_ranks_run_the_anchored_growth_and_the_whole_stack_stage_like_one_rank(tmp_path, corpus):
+    """The tiny demo's curriculum under DeepSpeed: path anchors (rows at other levels through
+    other paths in the same batch) and the final QLoRA stage over the whole stack."""
+    ds = ds_json(tmp_path, 2)
+    curriculum = ["--set", "curriculum.anchor=0.25", "--set", "curriculum.final_steps=4"]
+    launch(grow_args(tmp_path / "one", corpus, ds, [*curriculum, "--set", "train.micro_batch_size=4"]), 1)
+    out = launch(grow_args(tmp_path / "two", corpus, ds, curriculum), 2)
+    assert out.count("stage-03-whole committed") == 1
+    (w1, m1), (w2, m2) = weights(tmp_path / "one", 3), weights(tmp_path / "two", 3)
+    assert m1[3]["stage"]["anchors"] == [1, 2] and m2[3]["world_size"] == 2
+    assert m1[3]["losses"][0] == m2[3]["losses"][0]  # the same rows, levels and paths before any update
+    assert m1[3]["losses"] == pytest.approx(m2[3]["losses"], abs=1e-5)
+    assert w1[3] == w2[3] == {}  # no block in full precision: the stage trains adapters only
+    a1, a2 = (load_file(tmp_path / run / "stage-03-whole" / "adapter_model.safetensors") for run in ("one", "two"))
+    assert a1.keys() == a2.keys() and {int(k.split(".layers.")[1].split(".")[0]) for k in a1} == {0, 1}
+    for name in a1:
+        assert_close_weights(a1[name], a2[name], name)
 
 
 def test_two_ranks_map_one_prepared_directory(tmp_path, corpus):

@@ -1,0 +1,375 @@
+"""``grow ablate``: the evidence. The configured growth, the joint baseline and every part of the
+method switched off in turn, trained on the same data, shape, tokenizer, seed and token budget,
+then measured the same way.
+
+Each arm is an ordinary run directory (``OUT/arms/NAME``) grown by ``grow train`` itself, so
+every other subcommand accepts it, and a killed ablation continues where it stopped: a finished
+arm keeps its ``ablation.json`` and is not touched again; an unfinished one is resumed with
+``--resume``. Measured per arm, on the same held-out rows and masks: CE per level through each
+level's path and through the whole stack, the MDLM bound, samples per sampler (statistics,
+throughput, and their perplexity under an n-gram model of the training split: a judge that is
+not the model being scored), wall time, tokens and peak memory, and the whole stack of both
+export merge modes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from grow.errors import UserError
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    what: str
+    sets: tuple[str, ...] = ()
+
+
+# The arms, relative to the user's config (the design card's recommendation, right to left with
+# depth as time). Arms for the other corruptions and for warm starts join this list when those
+# parts exist. An arm whose overrides do not validate against the config is skipped with a note.
+ARMS: tuple[Arm, ...] = (
+    Arm("grow", "the config as given"),
+    Arm("joint", "joint baseline: every block at once, t ~ U(0, 1), time-free",
+        ("curriculum.kind=joint", "curriculum.time=input", "curriculum.conditioning=none",
+         "curriculum.final_steps=0", "curriculum.anchor=0.0")),
+    Arm("no-spectral-norm", "growth without spectral norm", ("stability.spectral_norm=false",)),
+    Arm("no-gamma", "growth without the residual gain (gamma = 1)", ("stability.gamma=1.0",)),
+    Arm("no-lora", "growth without LoRA alignment of the frozen suffix", ("lora.enabled=false",)),
+    Arm("no-4bit", "growth with the frozen suffix in full precision", ("quant.enabled=false",)),
+    Arm("no-anchor", "growth without path anchors", ("curriculum.anchor=0.0",)),
+    Arm("no-final", "growth without the final whole-stack stage", ("curriculum.final_steps=0",)),
+    Arm("consistency", "growth with the consistency loss on (lambda = 0.1)", ("stability.consistency_weight=0.1",)),
+    Arm("left-to-right", "left to right, time as input (card 4.2)",
+        ("curriculum.kind=left_to_right", "curriculum.time=input", "curriculum.conditioning=none",
+         "curriculum.final_steps=0", "curriculum.anchor=0.0")),
+    Arm("r2l-bands", "hybrid: right to left, each block on a band of t (card 4.3)", ("curriculum.time=input",)),
+    Arm("l2r-depth", "hybrid: left to right with depth tied to noise (card 4.3)",
+        ("curriculum.kind=left_to_right", "curriculum.time=depth")),
+)
+
+
+def arm_names() -> list[str]:
+    return [a.name for a in ARMS]
+
+
+def choose_arms(only: str | None) -> list[Arm]:
+    if not only:
+        return list(ARMS)
+    wanted = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in arm_names()]
+    if unknown:
+        raise UserError(f"--only: unknown arm(s) {', '.join(unknown)}; expected some of {', '.join(arm_names())}")
+    return [a for a in ARMS if a.name in wanted]
+
+
+# --------------------------------------------------------------------------- the budget
+
+
+def stage_steps(cfg) -> int:
+    from grow.curriculum import stage_specs
+
+    return sum(spec.steps for spec in stage_specs(cfg))
+
+
+def budget_sets(config: str, sets: Sequence[str], budget: int) -> list[str]:
+    """Overrides that give this arm ``budget`` training tokens (steps x batch x seq_len over all
+    its stages), keeping the config's shares between stages."""
+    from grow.config import load_config
+
+    cfg = load_config(config, list(sets))
+    per_step = cfg.train.batch_size * cfg.data.seq_len
+    target = max(1, round(budget / per_step))
+    L = cfg.model.num_blocks
+    growth = [cfg.train.steps] * L if isinstance(cfg.train.steps, int) else list(cfg.train.steps)
+    c = cfg.curriculum
+    # The steps a curriculum spends beyond train.steps (periodic joint stages, the final stage)
+    # scale with it, so the arm's total lands on the target.
+    scale = target / stage_steps(cfg)
+    out = [f"train.steps=[{', '.join(str(max(1, round(s * scale))) for s in growth)}]"]
+    if c.final_steps:
+        out.append(f"curriculum.final_steps={max(1, round(c.final_steps * scale))}")
+    if c.joint_every:
+        out.append(f"curriculum.joint_steps={max(1, round(c.joint_steps * scale))}")
+    out.append(f"train.warmup_steps={max(1, min(cfg.train.warmup_steps, round(cfg.train.warmup_steps * scale)))}")
+    return out
+
+
+# --------------------------------------------------------------------------- the n-gram judge
+
+
+class Ngram:
+    """An interpolated bigram model of token ids (absolute discounting, unigram add-one back-off),
+    fit on the training split: the perplexity it gives a sample says how corpus-like the sample's
+    local statistics are, independently of the model that produced it."""
+
+    def __init__(self, rows, vocab_size: int, discount: float = 0.75):
+        self.vocab, self.d = vocab_size, discount
+        self.uni: Counter[int] = Counter()
+        self.bi: Counter[tuple[int, int]] = Counter()
+        for i in range(0, len(rows), 256):
+            for row in rows[i : i + 256].tolist():
+                self.uni.update(row)
+                self.bi.update(zip(row, row[1:]))
+        self.total = sum(self.uni.values())
+        self.context: Counter[int] = Counter()
+        self.types: Counter[int] = Counter()
+        for (a, _), n in self.bi.items():
+            self.context[a] += n
+            self.types[a] += 1
+
+    def prob(self, a: int, b: int) -> float:
+        p_uni = (self.uni[b] + 1) / (self.total + self.vocab)
+        n_a = self.context[a]
+        if not n_a:
+            return p_uni
+        return max(self.bi[(a, b)] - self.d, 0) / n_a + self.d * self.types[a] / n_a * p_uni
+
+    def perplexity(self, samples: Sequence[Sequence[int]]) -> float:
+        nll, count = 0.0, 0
+        for s in samples:
+            for a, b in zip(s, s[1:]):
+                nll -= math.log(self.prob(a, b))
+                count += 1
+        return math.exp(nll / count) if count else float("nan")
+
+
+# --------------------------------------------------------------------------- one arm
+
+
+def train_arm(run: Path, config: str, sets: Sequence[str], log: Log) -> None:
+    """Grow (or continue) the arm's run with ``grow train`` itself, in its own process: each
+    arm's peak memory is then its own (on CPU the manifests record the process's peak RSS)."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "grow", "train", config, "--out", str(run)]
+    for s in sets:
+        argv += ["--set", s]
+    if (run / "grow.yaml").is_file():
+        argv.append("--resume")  # a killed ablation left this arm unfinished
+        log(f"ablate: {run.name}: resuming")
+    code = subprocess.call(argv)
+    if code:
+        raise UserError(f"--out: arm {run.name} stopped (grow train exited {code}); see {run / 'train.log'}")
+
+
+def measure_arm(run: Path, *, samples: int, steps: int, exports: bool, log: Log) -> dict[str, Any]:
+    """Every figure of one finished arm (see the module docstring)."""
+    import torch
+
+    from grow.data import load_corpus
+    from grow.evaluate import evaluate_denoiser, heldout_for
+    from grow.export import export_run
+    from grow.inference import load_denoiser
+    from grow.store import list_stages
+
+    loaded = load_denoiser(run, torch.device("cpu"), log=log)
+    cfg = loaded.config
+    heldout, seed = heldout_for(loaded, log=log)
+    corpus = load_corpus(cfg.data, run / "tokenizer", cfg.train.seed, log=lambda s: None)
+    judge = Ngram(corpus.train, len(loaded.tokenizer))
+    kw = dict(batches=cfg.train.eval_batches, batch_size=cfg.train.batch_size, seed=seed)
+    report = evaluate_denoiser(loaded, heldout, samples=samples, steps=steps, log=log,
+                               score_samples=lambda ids: {"ngram_ppl": judge.perplexity(ids)}, **kw)
+    manifests = [s.manifest for s in list_stages(run).values()]
+    result: dict[str, Any] = {
+        "run": str(run),
+        "curriculum": cfg.curriculum.kind, "time": cfg.curriculum.time,
+        "stages": len(manifests),
+        "tokens": sum(m["tokens_seen"] for m in manifests),
+        "train_seconds": sum(m.get("train_seconds", 0.0) for m in manifests),
+        "peak_bytes": max(m["memory"]["peak_bytes"] for m in manifests),
+        "peak_kind": manifests[-1]["memory"]["peak_kind"],
+        "levels": report["levels"], "elbo": report["elbo"],
+        "samples": {mode: {k: v for k, v in s.items() if k != "texts"} | {"text": s["texts"][0]}
+                    for mode, s in report["samples"].items()},
+        "exports": {},
+    }
+    if exports and cfg.curriculum.conditioning == "none":
+        for merge in ("dequantized", "original"):
+            out = run.parent / f"{run.name}.export-{merge}"
+            if not (out / "config.json").is_file():
+                export_run(run, out, merge_into=merge, overwrite=True, log=lambda s: None)
+            hf = load_denoiser(out, log=lambda s: None)
+            levels = evaluate_denoiser(hf, heldout, levels_only=True, **kw)["levels"]
+            result["exports"][merge] = [e["whole"] for e in levels]
+    return result
+
+
+# --------------------------------------------------------------------------- the whole ablation
+
+
+def run_ablation(config: str, out: Path, *, sets: Sequence[str] = (), budget: int | None = None,
+                 only: str | None = None, samples: int = 4, steps: int = 32, exports: bool = True,
+                 log: Log = print) -> dict[str, Any]:
+    from grow.config import load_config
+
+    base = load_config(config, list(sets))  # the user's config must be valid on its own
+    if budget is None:  # every arm gets what the configured growth spends
+        budget = stage_steps(base) * base.train.batch_size * base.data.seq_len
+    arms = choose_arms(only)
+    (out / "arms").mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    tokenizer = None
+    for i, arm in enumerate(arms, 1):
+        run = out / "arms" / arm.name
+        done = run / "ablation.json"
+        if done.is_file():
+            results[arm.name] = json.loads(done.read_text())
+            log(f"ablate: [{i}/{len(arms)}] {arm.name}: done earlier")
+            tokenizer = tokenizer or run / "tokenizer"
+            continue
+        arm_sets = [*sets, *arm.sets]
+        try:
+            arm_sets += budget_sets(config, arm_sets, budget)
+            load_config(config, arm_sets)
+        except UserError as exc:
+            skipped[arm.name] = str(exc)
+            log(f"ablate: [{i}/{len(arms)}] {arm.name}: skipped ({exc})")
+            continue
+        if tokenizer is not None:  # every arm reads the same tokens with the first arm's tokenizer
+            arm_sets.append(f"data.tokenizer={tokenizer}")
+        log(f"ablate: [{i}/{len(arms)}] {arm.name}: {arm.what}")
+        train_arm(run, config, arm_sets, log)
+        result = {"arm": arm.name, "what": arm.what, "sets": list(arm.sets),
+                  **measure_arm(run, samples=samples, steps=steps, exports=exports, log=log)}
+        tmp = done.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(done)  # an arm counts as measured only once this file exists
+        results[arm.name] = result
+        tokenizer = tokenizer or run / "tokenizer"
+    summary = {"config": config, "sets": list(sets), "budget_tokens": budget,
+               "schedule": base.ratios(), "arms": results, "skipped": skipped}
+    (out / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "ablation.md").write_text(render_markdown(summary))
+    if results:
+        plot(summary, out / "ablation.png")
+    return summary
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def whole(result: dict[str, Any]) -> list[float]:
+    return [e["whole"] for e in result["levels"]]
+
+
+def path(result: dict[str, Any]) -> list[float] | None:
+    if any("path" not in e for e in result["levels"]):
+        return None
+    return [e["path"] for e in result["levels"]]
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    arms = summary["arms"]
+    ratios = summary["schedule"]
+    lines = [f"# Ablation of `{summary['config']}`", ""]
+    lines += [f"Budget: {summary['budget_tokens']:,} training tokens per arm (steps x batch x sequence length "
+              "over all its stages; rounding to whole steps moves it slightly).", ""]
+    lines += ["Held-out masked CE (nats/token) averaged over the schedule's levels, through the whole stack "
+              "(what an export and the iterative / semi-AR samplers run) and through each level's own path "
+              "(what the depth sampler runs); the MDLM bound of the whole stack; samples' perplexity under a "
+              "bigram model of the training split (lower = more corpus-like), distinct bigrams and 4-gram "
+              "repetition of iterative samples.", "",
+              "| arm | what | tokens | train s | peak | whole CE | path CE | bits/token | sample n-gram ppl | "
+              "distinct-2 | repetition | depth tok/s | iterative tok/s | semi-ar tok/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in arms.items():
+        p = path(r)
+        it = r["samples"].get("iterative", {})
+        tps = [f"{r['samples'][m]['tokens_per_s']:.0f}" if m in r["samples"] else "-"
+               for m in ("depth", "iterative", "semi-ar")]
+        lines.append(
+            f"| {name} | {r['what']} | {r['tokens']:,} | {r['train_seconds']:.0f} | {r['peak_bytes'] / 2**20:.0f} MiB | "
+            f"{_mean(whole(r)):.4f} | {_mean(p):.4f} | {r['elbo']['bits_per_token']:.3f} | "
+            f"{it.get('ngram_ppl', float('nan')):.1f} | {it.get('distinct_2', float('nan')):.3f} | "
+            f"{it.get('repetition', float('nan')):.3f} | {' | '.join(tps)} |"
+            if p else
+            f"| {name} | {r['what']} | {r['tokens']:,} | {r['train_seconds']:.0f} | {r['peak_bytes'] / 2**20:.0f} MiB | "
+            f"{_mean(whole(r)):.4f} | - | {r['elbo']['bits_per_token']:.3f} | "
+            f"{it.get('ngram_ppl', float('nan')):.1f} | {it.get('distinct_2', float('nan')):.3f} | "
+            f"{it.get('repetition', float('nan')):.3f} | {' | '.join(tps)} |")
+    header = "| arm | " + " | ".join(f"r={r:g}" for r in ratios) + " |"
+    rule = "|---|" + "---|" * len(ratios)
+    lines += ["", "Whole-stack CE per level:", "", header, rule]
+    lines += [f"| {n} | " + " | ".join(f"{x:.4f}" for x in whole(r)) + " |" for n, r in arms.items()]
+    lines += ["", "Path CE per level (depth-tied arms):", "", header, rule]
+    lines += [f"| {n} | " + " | ".join(f"{x:.4f}" for x in path(r)) + " |" for n, r in arms.items() if path(r)]
+    exported = {n: r["exports"] for n, r in arms.items() if r.get("exports")}
+    if exported:
+        lines += ["", "Whole-stack CE of the export, mean over levels, per merge mode:", "",
+                  "| arm | dequantized | original |", "|---|---|---|"]
+        lines += [f"| {n} | {_mean(e['dequantized']):.4f} | {_mean(e['original']):.4f} |" for n, e in exported.items()]
+    if summary["skipped"]:
+        lines += ["", "Skipped: " + "; ".join(f"{n} ({why})" for n, why in summary["skipped"].items())]
+    lines += ["", "## Conclusions", "", conclusions(summary), ""]
+    return "\n".join(lines)
+
+
+def conclusions(summary: dict[str, Any]) -> str:
+    """A paragraph written from the numbers: growth against the joint baseline, then what each
+    switched-off part costs or gains, largest first. Differences under 0.005 nats are called ties:
+    at the tiny budget, seeds alone move CE by more than that."""
+    arms = summary["arms"]
+    if "grow" not in arms:
+        return "No `grow` arm was measured, so nothing is compared against the configured growth."
+    g = arms["grow"]
+    gw, out = _mean(whole(g)), []
+
+    def cmp(delta: float) -> str:
+        if abs(delta) < 0.005:
+            return "ties with"
+        return "is worse than" if delta > 0 else "beats"
+
+    if "joint" in arms:
+        j = arms["joint"]
+        d = _mean(whole(j)) - gw
+        lvl = [r for r, a, b in zip(summary["schedule"], whole(j), whole(g)) if a < b]
+        out.append(f"At the same token budget, the joint baseline {cmp(d)} growth through the whole stack "
+                   f"({_mean(whole(j)):.4f} vs {gw:.4f} nats, mean over levels"
+                   + (f"; joint is better at r = {', '.join(f'{r:g}' for r in lvl)}" if lvl else "") + "), "
+                   f"at {j['peak_bytes'] / max(g['peak_bytes'], 1):.2f}x growth's peak memory "
+                   f"({g['peak_kind']}).")
+    deltas = sorted(((_mean(whole(r)) - gw, n) for n, r in arms.items() if n not in ("grow", "joint")),
+                    reverse=True)
+    for d, n in deltas:
+        out.append(f"`{n}` ({arms[n]['what']}) {cmp(d)} growth as configured by {abs(d):.4f} nats.")
+    best = min(arms, key=lambda n: arms[n]["samples"].get("iterative", {}).get("ngram_ppl", float("inf")))
+    out.append(f"The most corpus-like iterative samples (bigram judge) come from `{best}`.")
+    return " ".join(out)
+
+
+def plot(summary: dict[str, Any], path_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = summary["schedule"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for n, r in summary["arms"].items():
+        (line,) = ax.plot(ratios, whole(r), marker="o", label=f"{n} (whole stack)")
+        if path(r):
+            ax.plot(ratios, path(r), linestyle="--", color=line.get_color(), alpha=0.6)
+    ax.set_xlabel("noise level r (fraction masked)")
+    ax.set_ylabel("held-out masked CE (nats/token)")
+    ax.set_title("CE per level per arm (dashed: each level's own path)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=120)
+    plt.close(fig)
