@@ -24,10 +24,11 @@ question (same context) share their count and mask draws -- common random number
 make the comparison between choices less noisy than each value.
 
 A draw's noise level is the masked fraction of the whole sequence it feeds the network (what
-a time-conditioned model is given and what ``grow.sample.level_of`` measures). A depth-tied
-model (right to left; left to right with time as depth) runs the blocks of the schedule level
-nearest that fraction (``Loaded.level_path``), as the depth samplers do; a model with no level
-paths runs its whole stack; ``stack=whole`` forces the whole stack.
+a time-conditioned model is given and what ``grow.sample.level_of`` measures). With
+``stack=level`` a depth-tied model (right to left; left to right with time as depth) runs the
+blocks of the schedule level nearest that fraction (``Loaded.level_path``), as the depth
+samplers do; with ``stack=whole`` every block runs. The default is ``level`` for a depth-tied
+model grown without a final whole-stack stage and ``whole`` otherwise (``default_stack``).
 
 ``loglikelihood_rolling``: the same bound for a whole document after the separator token, in
 lm-eval's rolling windows of ``max_length`` tokens; each window after the first scores its new
@@ -118,6 +119,23 @@ class _Row:
     """The all-masked row, whose argmaxes decide is_greedy."""
 
 
+def final_steps(loaded) -> int:
+    """Steps of the run's final whole-stack stage (curriculum.final_steps; an export's grow.json)."""
+    if loaded.config is not None:
+        return int(loaded.config.curriculum.final_steps)
+    return int((loaded.meta.get("curriculum") or {}).get("final_steps") or 0)
+
+
+def default_stack(loaded) -> str:
+    """``level`` for a depth-tied model that growth alone trained, else ``whole``.
+
+    Measured on the local cloze tasks (docs/evaluate.md): after growth alone the level paths win
+    by far (block 1 only ever saw all-[MASK] input, so the whole stack ignores context at light
+    noise); after a final stage over the whole stack at t ~ U(0, 1), the whole stack wins.
+    """
+    return "level" if loaded.paths and not final_steps(loaded) else "whole"
+
+
 class GrowLM(LM):
     """A grown run or an exported grow model, scored by Monte Carlo over masked-diffusion draws."""
 
@@ -168,8 +186,7 @@ class GrowLM(LM):
         self._device = resolve_device(str(device) if device else "auto")
         self.loaded = load_denoiser(path, self._device, log=lambda line: None)
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
-        if stack is None:
-            stack = "level" if self.loaded.paths else "whole"
+        stack = stack or default_stack(self.loaded)
         if stack not in STACKS:
             raise UserError(f"stack: expected one of {', '.join(STACKS)}, got {stack!r}")
         self.stack = stack

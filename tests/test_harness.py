@@ -283,3 +283,20 @@ def test_rolling_windows_cover_a_long_document_once(run):
     assert len(seen) > 2 and all(len(c) + len(x) <= 16 for c, x in seen)
     assert all(len(c) >= 8 for c, _ in seen[1:])
     assert total == pytest.approx(sum(v for v, _ in score(seen, prepend=False)))
+
+
+def test_after_a_final_whole_stack_stage_the_whole_stack_scores(tmp_path):
+    """Growth alone: each draw runs its level's path; with a final stage over the whole stack at
+    t ~ U(0, 1) the whole stack does, on the run and on its export (grow.json says so)."""
+    from grow.cli import main
+    from grow.export import export_run
+    from grow.harness import GrowLM
+
+    corpus = write_cycle_corpus(tmp_path / "corpus.txt", n_docs=30)
+    assert main(["train", "configs/tiny.yaml", "--out", str(tmp_path / "run"),
+                 *tiny_overrides(corpus, blocks=2, steps=2), "--set", "curriculum.final_steps=2"]) == 0
+    export_run(tmp_path / "run", tmp_path / "export", log=lambda s: None)
+    for path in ("run", "export"):
+        lm = GrowLM(path=str(tmp_path / path), mc_num=2, device="cpu")
+        assert lm.loaded.paths and lm.stack == "whole"
+        assert GrowLM(path=str(tmp_path / path), mc_num=2, device="cpu", stack="level").stack == "level"
