@@ -7,8 +7,9 @@ Training, resume, evaluation, sampling and export all build a model the same way
 
 Each stage stores exactly what it trained, so after the committed stages
 
-- block k's weights are in the latest stage that trained block k (folded, full precision);
-- the embedding, final norm and head are in the latest stage that trained them;
+- block k's weights are in the latest stage that trained block k (folded, full precision),
+  or converted it from a pretrained checkpoint (``grow.convert``);
+- the embedding, final norm and head are in the latest stage that trained (or converted) them;
 - the LoRA adapters of every frozen block are in the latest stage's adapter file (each stage
   stores the whole set: the ones it trained and the ones it kept frozen).
 
@@ -30,6 +31,8 @@ import torch
 from safetensors.torch import load_file
 
 from grow.config import GrowConfig
+from grow.convert import block_stability
+from grow.corruption import corruption_for
 from grow.curriculum import StageSpec
 from grow.errors import UserError
 from grow.model import GrowModel, add_stability, hf_config
@@ -59,8 +62,10 @@ def build_model(cfg: GrowConfig, tokenizer) -> GrowModel:
     vocab = cfg.model.vocab_size or len(tokenizer)
     if vocab < len(tokenizer):
         raise UserError(f"model.vocab_size: {vocab} is smaller than the tokenizer's {len(tokenizer)} tokens")
-    return GrowModel(hf_config(cfg.model, vocab, special_ids(tokenizer)),
-                     time_embedding=cfg.curriculum.conditioning == "embedding")
+    model = GrowModel(hf_config(cfg.model, vocab, special_ids(tokenizer)),
+                      time_embedding=cfg.curriculum.conditioning == "embedding")
+    corruption_for(cfg).install(model)  # gaussian: noise at [MASK] positions
+    return model
 
 
 @dataclass
@@ -75,26 +80,57 @@ class RunState:
             self._loaded[stage.name] = stage.weights()
         return self._loaded[stage.name]
 
+    def _select(self, stage: Stage, want) -> dict[str, torch.Tensor]:
+        """The tensors of ``stage`` whose names ``want`` accepts.
+
+        A convert stage holds a whole pretrained model (138 GB for a 70B in bf16): its tensors
+        are read one by one from the shards (safetensors' safe_open), so a stage rebuilding its
+        network holds about one block of it in CPU memory at a time. Other stages are small and
+        read whole, once.
+        """
+        if stage.name in self._loaded or not stage.spec.get("converted", False):
+            return {k: v for k, v in self._weights(stage).items() if want(k)}
+        import json
+
+        from safetensors import safe_open
+
+        from grow.store import INDEX
+
+        shards: dict[str, list[str]] = {}
+        for key, shard in json.loads((stage.path / INDEX).read_text())["weight_map"].items():
+            if want(key):
+                shards.setdefault(shard, []).append(key)
+        out = {}
+        for shard, keys in shards.items():
+            with safe_open(str(stage.path / shard), framework="pt") as f:
+                out.update({key: f.get_tensor(key) for key in keys})
+        return out
+
     def _latest(self, trained) -> Stage | None:
         return next((s for s in reversed(self.stages) if trained(s.spec)), None)
 
     def block(self, block_id: int) -> dict[str, torch.Tensor] | None:
         """Block k's stored tensors (layer and time embedding), or None if no stage trained it."""
-        stage = self._latest(lambda spec: block_id in spec["train"])
+        stage = self._latest(lambda spec: block_id in spec["train"] or _converted(spec, block_id))
         if stage is None:
             return None
         prefixes = block_prefixes(block_id)
-        return {k: v for k, v in self._weights(stage).items() if k.startswith(prefixes)}
+        return self._select(stage, lambda k: k.startswith(prefixes))
 
     def ends(self) -> dict[str, torch.Tensor] | None:
-        stage = self._latest(lambda spec: spec["trains_ends"])
-        return None if stage is None else {k: self._weights(stage)[k] for k in ENDS}
+        stage = self._latest(lambda spec: spec["trains_ends"] or spec.get("converted", False))
+        return None if stage is None else self._select(stage, lambda k: k in ENDS)
 
     def adapters(self) -> dict[str, torch.Tensor]:
         """Every frozen block's adapter as the latest stage stored them (peft keys)."""
         if not self.stages or not (self.stages[-1].path / ADAPTER_WEIGHTS).is_file():
             return {}
         return load_file(self.stages[-1].path / ADAPTER_WEIGHTS)
+
+
+def _converted(spec: dict, block_id: int) -> bool:
+    """A convert stage (grow.convert) stores blocks first..last without training them."""
+    return spec.get("converted", False) and spec["first"] <= block_id <= spec["last"]
 
 
 def assemble(cfg: GrowConfig, tokenizer, spec: StageSpec, state: RunState, device: torch.device | str,
@@ -126,7 +162,7 @@ def assemble(cfg: GrowConfig, tokenizer, spec: StageSpec, state: RunState, devic
         else:
             raise ValueError(f"{spec.name}: block {k} is frozen but no stored stage trained it")
         if training and k in spec.train:
-            add_stability(block, cfg.stability)
+            add_stability(block, block_stability(cfg))
         model.set_block(k, block.to(device))
     model.to(device)
     _freeze(model, spec, cfg, device, adapters, training)

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from grow.store import MANIFEST, fsync_dir, sha256_file, stage_problem, write_json_atomic
+from grow.store import (MANIFEST, STORAGE_ERRORS, StorageError, fsync_dir, sha256_file, stage_problem,
+                        storage_reason, write_json_atomic, write_manifest)
 
 FORMAT_VERSION = 2
 
@@ -102,6 +103,22 @@ def save_checkpoint(root: Path, step: int, model, blocks, engine, losses: list[f
     final = root / f"step-{step:08d}"
     # One temp name per launch: rank 0's pid, so a second writer never shares a directory.
     tmp = root / f".step-{step:08d}.tmp-{_launch_id(engine)}"
+    try:
+        _write_checkpoint(tmp, final, root, step, model, blocks, engine, losses, keep)
+    except STORAGE_ERRORS as exc:
+        if engine.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = sorted(p.name for p in root.glob("step-*"))
+        run = root.parent.parent
+        raise StorageError(f"writing the checkpoint {final} failed: {storage_reason(exc)}; kept "
+                           + (f"the checkpoints {', '.join(kept)} of {root.name}" if kept else
+                              "the committed stages (no earlier checkpoint of this stage)")
+                           + f"; make room and continue with grow train {run / 'grow.yaml'} --out {run} --resume"
+                           ) from None
+    return final
+
+
+def _write_checkpoint(tmp: Path, final: Path, root: Path, step: int, model, blocks, engine, losses, keep) -> None:
     if engine.is_main:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -116,8 +133,8 @@ def save_checkpoint(root: Path, step: int, model, blocks, engine, losses: list[f
         files = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             files[str(path.relative_to(tmp))] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-        write_json_atomic(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "stage": root.name, "step": step,
-                                           "files": files})
+        write_manifest(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "stage": root.name, "step": step,
+                                        "files": files})
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -125,7 +142,11 @@ def save_checkpoint(root: Path, step: int, model, blocks, engine, losses: list[f
         for old in sorted(root.glob("step-*"))[:-keep]:
             shutil.rmtree(old)
     engine.barrier()
-    return final
+
+
+def checkpoint_engine(path: Path) -> str:
+    """Which engine wrote a checkpoint: "deepspeed" (its own directory) or "plain"."""
+    return "deepspeed" if (Path(path) / "deepspeed").is_dir() else "plain"
 
 
 def latest_checkpoint(root: Path, log=print) -> Path | None:

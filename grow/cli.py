@@ -6,6 +6,8 @@ User mistakes raise ``UserError``; ``main`` prints them as one line and exits wi
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import shutil
 import sys
 import time
@@ -30,8 +32,11 @@ def _log_to(run: Path | None):
         tqdm.write(line, file=sys.stdout)
         sys.stdout.flush()
         if run is not None and run.is_dir():
-            with open(run / "train.log", "a") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+            try:
+                with open(run / "train.log", "a") as f:
+                    f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+            except OSError:  # a full disk must not stop training over a log line (it was printed)
+                pass
 
     return log
 
@@ -63,8 +68,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = list(args.set or [])
     if args.deepspeed:
         overrides.append(f"train.deepspeed={args.deepspeed}")
-    cfg = load_config(args.config, overrides)
     run = Path(args.out)
+    stored_yaml = run / "grow.yaml"
+    # A resumed run's converted model is in its stage 1: its shape stands in for a checkpoint
+    # that is no longer reachable (grow.convert.resolve_init_from).
+    stored_model = ((yaml.safe_load(stored_yaml.read_text()) or {}).get("model")
+                    if (args.resume or args.from_stage is not None) and stored_yaml.is_file() else None)
+    cfg = load_config(args.config, overrides, stored_model=stored_model)
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite: choose one")
     from grow.curriculum import find_stage, stage_specs
@@ -74,70 +84,172 @@ def cmd_train(args: argparse.Namespace) -> None:
     stop_after = find_stage(specs, args.stop_after, "--stop-after") if args.stop_after is not None else None
     if from_stage is not None:
         args.resume = True
-    exists = run.exists() and any(run.iterdir())
+    from grow.lock import DirLock
+    from grow.stages import Backend, grow_run
+
+    # Every rank builds its backend; only rank 0 checks, locks and writes the run.
+    backend = Backend(cfg)
+    lock = DirLock(run, "grow train", flag="--out") if backend.is_main else None
+    error, corpus, log = None, None, (lambda line: None)
+    try:
+        if backend.is_main:
+            try:
+                lock.acquire()
+                corpus, log = _prepare_run(cfg, run, args, specs, from_stage)
+            except UserError as exc:
+                error = str(exc)
+        error = _broadcast(backend, error)
+        if error is not None:
+            raise UserError(error)
+        if not backend.is_main:
+            from grow.data import load_corpus
+
+            # rank 0 has prepared (or checked) the corpus: map the same files, never re-tokenize
+            corpus = load_corpus(cfg.data, run / "tokenizer", cfg.train.seed, log=log, prepare_missing=False)
+        ratios = cfg.ratios()
+        c = cfg.curriculum
+        log(f"growing {cfg.model.num_blocks} blocks ({c.kind}, time {c.time}, {len(specs)} stages) into {run} on "
+            f"{backend.world} process(es), {backend.device}; r = {', '.join(f'{r:.3f}' for r in ratios)}")
+        if from_stage is not None and backend.is_main:
+            set_aside(run, specs[from_stage.index - 1:], log)
+        backend.barrier()
+        from grow.checkpoint import install_sigterm_handler
+
+        install_sigterm_handler()
+        grow_run(cfg, run, corpus, log=log, stop_after=stop_after.name if stop_after else None, backend=backend)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _prepare_run(cfg, run: Path, args, specs, from_stage):
+    """Check ``run`` against the flags and return (corpus, log) of a run ready to train.
+
+    A resume reuses the run's tokenizer and rewrites grow.yaml (and run.json) only once the
+    config and data have checked out. A fresh start (or --overwrite) is built in a hidden
+    sibling -- tokenizer, corpus, model shape, grow.yaml -- and only that complete start
+    replaces what was at ``run``: a failed start leaves everything as it was.
+    """
+    from grow.data import load_corpus
+    from grow.store import write_run_config, write_run_manifest
+
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--out: {run} exists and is not a directory")
+    inside = next((p for p in run.absolute().parents if (p / "grow.yaml").is_file()), None)
+    if inside is not None:
+        raise UserError(f"--out: {run} is inside the grow run {inside}; choose a directory outside every run")
+    exists = run.is_dir() and any(run.iterdir())
     if exists and not (args.resume or args.overwrite):
         raise UserError(f"--out: {run} exists and is not empty; pass --resume to continue it or --overwrite to replace it")
     if args.resume:
-        if not exists:
-            raise UserError(f"--resume: {run} has no run to resume")
-        stored = run / "grow.yaml"
-        if not stored.is_file():
-            raise UserError(f"--resume: {run} is not a grow run (no grow.yaml)")
-        from grow.config import GrowConfig, from_dict
-
-        # Through today's dataclasses, so a field added since the run started counts at its default.
-        old = from_dict(GrowConfig, yaml.safe_load(stored.read_text())).to_dict()
-        changed = critical_changes(old, cfg.to_dict())
-        if changed:
-            raise UserError(f"--resume: architecture-critical settings differ from the stored run: {', '.join(changed)}")
-    from grow.stages import Backend, grow_run
-
-    # Every rank has checked the same things; from here on only rank 0 writes.
-    backend = Backend(cfg)
-    log = _log_to(run) if backend.is_main else (lambda line: None)
-    error = None
-    if backend.is_main:
-        try:
-            corpus = _prepare_run(cfg, run, args, log)
-        except UserError as exc:
-            error = str(exc)
-    error = _broadcast(backend, error)
-    if error is not None:
-        raise UserError(error)
-    if not backend.is_main:
-        from grow.data import load_corpus
-
-        # rank 0 has prepared (or checked) the corpus: map the same files, never re-tokenize
-        corpus = load_corpus(cfg.data, run / "tokenizer", cfg.train.seed, log=log, prepare_missing=False)
-    ratios = cfg.ratios()
-    c = cfg.curriculum
-    log(f"growing {cfg.model.num_blocks} blocks ({c.kind}, time {c.time}, {len(specs)} stages) into {run} on "
-        f"{backend.world} process(es), {backend.device}; r = {', '.join(f'{r:.3f}' for r in ratios)}")
-    if from_stage is not None and backend.is_main:
-        set_aside(run, specs[from_stage.index - 1:], log)
-    backend.barrier()
-    from grow.checkpoint import install_sigterm_handler
-
-    install_sigterm_handler()
-    grow_run(cfg, run, corpus, log=log, stop_after=stop_after.name if stop_after else None, backend=backend)
-
-
-def _prepare_run(cfg, run: Path, args, log):
-    """Create (or reuse) the run directory, its tokenizer and grow.yaml; undo a fresh one on error."""
-    from grow.data import load_corpus
-
-    created = not run.exists()
-    if args.overwrite and run.exists():
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
-    try:
+        _check_resume(cfg, run, exists, specs, from_stage)
+        log = _log_to(run)
         corpus = load_corpus(cfg.data, run / "tokenizer", cfg.train.seed, log=log)
-    except UserError:
-        if created or args.overwrite:
-            shutil.rmtree(run, ignore_errors=True)
+        write_run_config(run, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return corpus, log
+    tmp = run.absolute().with_name(f".{run.absolute().name}.start-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if cfg.model.init_from:  # the checkpoint's tokenizer (+ a mask token) is the run's
+            from grow.convert import save_run_tokenizer
+
+            save_run_tokenizer(cfg.model.init_from, tmp / "tokenizer", _log_to(tmp))
+        corpus = load_corpus(cfg.data, tmp / "tokenizer", cfg.train.seed, log=_log_to(tmp))
+        _check_model_shape(cfg, corpus.tokenizer)
+        write_text_atomic(tmp / "grow.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_run_manifest(tmp)
+        _replace_run(tmp, run)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_text_atomic(run / "grow.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return corpus
+    return corpus, _log_to(run)
+
+
+def _check_resume(cfg, run: Path, exists: bool, specs, from_stage) -> None:
+    """What --resume needs of the stored run: a run, unchanged files, the same architecture and engine."""
+    from grow.checkpoint import checkpoint_engine, checkpoint_root, latest_checkpoint
+    from grow.stages import committed, read_run_config, repair_command
+    from grow.store import check_run_files
+
+    if not exists:
+        raise UserError(f"--resume: {run} has no run to resume; start it without --resume")
+    stored = run / "grow.yaml"
+    if not stored.is_file():
+        raise UserError(f"--resume: {run} is not a grow run (no grow.yaml); start afresh there with --overwrite")
+    check_run_files(run, _log_to(run))
+    # Through today's dataclasses, so a field added since the run started counts at its default.
+    old = read_run_config(run)
+    changed = critical_changes(old.to_dict(), cfg.to_dict())
+    if changed:
+        raise UserError(f"--resume: architecture-critical settings differ from the stored run: {', '.join(changed)}")
+    stages, problem = committed(run, specs, verify=False)  # sizes only; grow_run checks every hash
+    if from_stage is not None and from_stage.index <= len(stages) + 1:
+        return  # the stages from there on are set aside
+    if problem:
+        raise UserError(f"RUN: {problem}; re-run from it with {repair_command(run, old, len(stages) + 1)}")
+    if len(stages) >= len(specs):
+        return
+    ckpt = latest_checkpoint(checkpoint_root(run, specs[len(stages)].name), log=lambda line: None)
+    if ckpt is None:
+        return
+    # A DeepSpeed checkpoint holds DeepSpeed's files, a plain one trainable.safetensors: neither engine reads the other.
+    written = checkpoint_engine(ckpt)
+    if written == "deepspeed" and not cfg.train.deepspeed:
+        raise UserError(f"--deepspeed: {ckpt} was saved under DeepSpeed; resume with --deepspeed "
+                        f"{old.train.deepspeed or 'JSON'} (or re-run the stage with --from-stage {len(stages) + 1})")
+    if written == "plain" and cfg.train.deepspeed:
+        raise UserError(f"--deepspeed: {ckpt} was saved without DeepSpeed; resume without --deepspeed "
+                        f"(or re-run the stage under DeepSpeed with --from-stage {len(stages) + 1})")
+
+
+def _check_model_shape(cfg, tokenizer) -> None:
+    """Build the run's empty model on the meta device: the shape errors a first stage would hit, now."""
+    import torch
+
+    from grow.assemble import build_model
+
+    with torch.device("meta"):
+        build_model(cfg, tokenizer)
+
+
+def _replace_run(tmp: Path, run: Path) -> None:
+    """Put the complete start ``tmp`` at ``run``; an old run there is removed only after that.
+
+    Over an old run the two directories are exchanged in one step where the kernel can
+    (renameat2 RENAME_EXCHANGE), so no moment exists at which RUN is missing; elsewhere the old
+    run is renamed aside first.
+    """
+    from grow.store import fsync_dir
+
+    old = None
+    if run.is_dir() and any(run.iterdir()):
+        if _exchange(tmp, run):
+            old = tmp
+        else:
+            old = run.absolute().with_name(f".{run.absolute().name}.old-{os.getpid()}")
+            os.rename(run, old)
+            os.rename(tmp, run)
+    else:
+        if run.is_dir():
+            run.rmdir()
+        run.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp, run)
+    fsync_dir(run.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 with RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        rename = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return rename(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
 
 
 def _broadcast(backend, value):
@@ -174,17 +286,16 @@ def set_aside(run: Path, specs, log) -> None:
 # ------------------------------------------------------------------------ status
 
 
-def cmd_status(args: argparse.Namespace) -> None:
+def cmd_status(args: argparse.Namespace) -> int | None:
     from grow.checkpoint import checkpoint_root, latest_checkpoint
-    from grow.config import GrowConfig, from_dict
     from grow.curriculum import level_paths, stage_specs
     from grow.evaluate import levels_table
-    from grow.stages import committed
-    from grow.store import list_stages, require_run, stage_paths, stage_problem
+    from grow.stages import committed, invalid_next, read_run_config, repair_command
+    from grow.store import leftovers, list_stages, require_run, run_problem, stage_paths, stage_problem
     from grow.units import format_bytes
 
     run = require_run(Path(args.run))
-    config = from_dict(GrowConfig, yaml.safe_load((run / "grow.yaml").read_text()))
+    config = read_run_config(run)
     specs = stage_specs(config)
     stages, problem = committed(run, specs, verify=args.verify)
     listed = list_stages(run, verify=args.verify)
@@ -196,7 +307,8 @@ def cmd_status(args: argparse.Namespace) -> None:
           f"{'size':>10}  state")
     for spec in specs:
         trains = ",".join(f"B{k}" for k in spec.train) if len(spec.train) <= 2 else f"B{spec.train[0]}..B{spec.train[-1]}"
-        trains = (trains or "adapters") + ("+ends" if spec.trains_ends else "")
+        trains = ("converted" if spec.converted
+                  else (trains or "adapters") + ("+ends" if spec.trains_ends else ""))
         stage = listed.get(spec.index)
         if spec.index <= len(stages):
             m = stage.manifest
@@ -204,7 +316,9 @@ def cmd_status(args: argparse.Namespace) -> None:
                   f"{m['tokens_seen']:>12,}  {m['heldout_ce']:>10.4f}  {format_bytes(stage.size_bytes()):>10}  done")
             continue
         path = paths.get(spec.name)
-        if stage is not None:
+        if spec.index == len(stages) + 1 and problem and path is not None:
+            state = f"invalid: {stage_problem(path, args.verify) or problem}"
+        elif stage is not None:
             state = "ignored: follows a missing or invalid stage"
         elif path is not None:
             state = f"invalid: {stage_problem(path, args.verify)}"
@@ -218,7 +332,10 @@ def cmd_status(args: argparse.Namespace) -> None:
     if stages:
         last = stages[-1].manifest
         if "levels" in last:
-            print(f"\nheld-out masked CE per level, the model as {stages[-1].name} left it "
+            from grow.corruption import corruption_for
+
+            what = "CE on every token" if corruption_for(config).replaces_tokens else "masked CE"
+            print(f"\nheld-out {what} per level, the model as {stages[-1].name} left it "
                   "(path = the blocks a depth sampler uses for that level; whole stack = what an export runs):")
             from grow.evaluate import commit_figures
 
@@ -245,18 +362,32 @@ def cmd_status(args: argparse.Namespace) -> None:
                   f"{format_bytes(q['bytes']):>12}  {q['bytes_per_param']:>7.3f}  "
                   f"{mem['adapters']['params']:>9,}  {format_bytes(mem['peak_bytes']):>10}  {mem['peak_kind']}")
     ds = f" --deepspeed {config.train.deepspeed}" if config.train.deepspeed else ""
-    if problem:
+    from grow.lock import holder
+
+    writer = holder(run)
+    if writer is not None:
+        print(f"\nbeing written now by {writer}")
+    found = leftovers(run)
+    if found:
+        print("\nleftovers (removed when the run continues): "
+              + "; ".join(f"{p.relative_to(run)} ({why})" for p, why in found))
+    files = run_problem(run) if args.verify else None
+    if files is not None:
+        print(f"\nproblem: {files}")
+    broken = invalid_next(run, specs, stages, args.verify)
+    if problem or broken:
         bad = specs[len(stages)]
-        print(f"\nproblem: {problem}\nnext: grow train CONFIG --out {run} --from-stage {bad.index}{ds} re-runs "
+        print(f"\nproblem: {problem or broken}\nnext: {repair_command(run, config, bad.index)} re-runs "
               f"{bad.name} and the stages after it (the later ones are set aside, not deleted)")
     elif len(stages) < len(specs):
         spec = specs[len(stages)]
         ckpt = latest_checkpoint(checkpoint_root(run, spec.name), log=lambda s: None)
         where = f"from its checkpoint at step {int(ckpt.name.split('-')[1])}" if ckpt else "from step 0"
-        print(f"\nnext: grow train CONFIG --out {run} --resume{ds} continues {spec.name} "
+        print(f"\nnext: grow train {run / 'grow.yaml'} --out {run} --resume{ds} continues {spec.name} "
               f"({spec.noise.describe()}) {where}")
     else:
-        print("\ncomplete: every stage is committed")
+        print("\ncomplete: every stage is committed" + (", but see the problem above" if files else ""))
+    return 1 if (problem or broken or files) and args.verify else None
 
 
 # ------------------------------------------------------------------------ plan
@@ -269,7 +400,13 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from grow.plan import fit, plan, read_deepspeed, render
     from grow.units import parse_bytes
 
-    cfg = load_config(args.config, args.set or [])
+    from grow.convert import CheckpointUnavailable
+
+    try:
+        cfg = load_config(args.config, args.set or [])
+    except CheckpointUnavailable as exc:  # planning needs the shape, not the weights
+        cfg = load_config(args.config, args.set or [], checkpoint=False)
+        print(f"note: {exc}; planning the architecture the config spells out")
     try:
         gpu_memory = parse_bytes(args.gpu_memory)
     except ValueError as exc:
@@ -304,15 +441,31 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     from grow.engine import resolve_device
     from grow.inference import load_denoiser
-    from grow.sample import animate, generate, prompt_batch, to_json
+    from grow.sample import animate, check_mode, generate, prompt_batch, to_json
 
+    at_least("--length", args.length, 1)
+    at_least("--num-samples", args.num_samples, 1)
+    at_most("--num-samples", args.num_samples, MAX_BATCH)
+    at_least("--block-length", args.block_length, 1)
+    at_least("--steps", args.steps, 1)
+    at_least("--context", args.context, 0)
+    at_least("--temperature", args.temperature, 0.0)
+    if not 0.0 < args.top_p <= 1.0:
+        raise UserError(f"--top-p: expected a probability mass in (0, 1], got {args.top_p}")
+    if not 0.0 <= args.remask < 1.0:
+        raise UserError(f"--remask: expected a fraction in [0, 1), got {args.remask}")
+    if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
+        raise UserError(f"--threshold: expected a confidence in (0, 1], got {args.threshold}")
     device = resolve_device(args.device)
     loaded = load_denoiser(args.model, device)
-    if args.mode in ("depth", "suffix") and loaded.paths is None:
-        raise UserError(f"--mode: {args.mode} steps through noise levels tied to blocks, and {args.model} has none "
-                        "(it was trained as a whole stack on t ~ U(0, 1)); use --mode iterative or semi-ar")
+    ids = loaded.tokenizer(args.prompt, add_special_tokens=False)["input_ids"] if args.prompt else []
+    trained = loaded.config.data.seq_len if loaded.config is not None else loaded.meta.get("seq_len")
+    positions = getattr(loaded.model.config, "max_position_embeddings", None) or float("inf")
+    if trained and trained < len(ids) + args.length <= positions:  # past the positions: an error follows
+        print(f"warning: {len(ids) + args.length} tokens (prompt + --length) is more than the {trained} the model "
+              "was trained on (data.seq_len); quality past that length is untested", file=sys.stderr)
+    check_mode(args.mode, loaded.corruption, loaded.paths is not None, str(args.model))
     tokenizer = loaded.tokenizer
-    ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"] if args.prompt else []
     prompt = prompt_batch(ids, args.num_samples, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     options = {"steps": args.steps, "temperature": args.temperature, "top_p": args.top_p,
@@ -355,6 +508,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.tasks:  # lm-evaluation-harness tasks instead of grow's own report (grow.harness)
         return _eval_tasks(args)
     grid = parse_ratios(args.ratios) if args.ratios else list(DEFAULT_GRID)
+    for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size), ("--steps", args.steps)):
+        at_least(flag, value, 1)
+    at_most("--batch-size", args.batch_size, MAX_BATCH)
+    for flag, target in (("--json", args.json), ("--plot", args.plot)):
+        if target is not None:
+            writable_file(flag, Path(target))
     if args.levels and args.plot:
         raise UserError("--plot: the plot draws the CE curves, which --levels skips; drop one of them")
     if args.samples < 0:
@@ -369,7 +528,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                samples=args.samples, steps=args.steps, levels_only=args.levels, log=log)
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomic(Path(args.json), json.dumps(report, indent=2) + "\n")
         log(f"eval: wrote {args.json}")
     if args.plot:
         plot_report(report, args.plot)
@@ -544,6 +703,31 @@ def cmd_data_inspect(args: argparse.Namespace) -> int | None:
     print(f"sample     train row {args.row}: {text!r}")
 
 
+# ------------------------------------------------------------------------ flag checks
+
+# The most sequences one sample/eval batch may hold: far above any useful batch on one device, far
+# below what silently fills a machine's memory (--num-samples 100000000).
+MAX_BATCH = 4096
+
+
+def at_least(flag: str, value, minimum) -> None:
+    if value is not None and value < minimum:
+        raise UserError(f"{flag}: expected at least {minimum}, got {value}")
+
+
+def at_most(flag: str, value, maximum) -> None:
+    if value is not None and value > maximum:
+        raise UserError(f"{flag}: expected at most {maximum:,}, got {value:,}; split the work into several calls")
+
+
+def writable_file(flag: str, path: Path) -> None:
+    """A file the command will write at the end: refused before any work when it cannot be."""
+    if path.is_dir():
+        raise UserError(f"{flag}: {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise UserError(f"{flag}: the directory {path.parent} does not exist")
+
+
 # ------------------------------------------------------------------------ parser
 
 COMMANDS = {
@@ -564,6 +748,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Grow a masked-diffusion language model one block at a time, right to left "
         "(depth = reverse diffusion time).",
     )
+    import grow
+
+    parser.add_argument("--version", action="version", version=f"grow {grow.__version__}")
     # The deepspeed launcher adds --local_rank=N right after the module name.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -578,7 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set train.steps=50 (repeatable; value is YAML)")
     p.add_argument("--resume", action="store_true",
                    help="continue a run from its newest valid mid-stage checkpoint, or after its newest stage")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start afresh")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out with a fresh start (only "
+                   "once the new start's config and data have checked out)")
     p.add_argument("--deepspeed", metavar="JSON",
                    help="run every stage under DeepSpeed ZeRO with this config (see ds_configs/); "
                    "launch with `deepspeed --num_gpus N --module grow train ...` for several processes")
@@ -624,8 +812,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="RUN_OR_EXPORT", help="run directory or exported model directory")
     p.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: none)")
     p.add_argument("--length", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
-    p.add_argument("--mode", choices=("depth", "suffix", "iterative", "semi-ar"), default="depth",
-                   help="sampler (default depth)")
+    p.add_argument("--mode", choices=("depth", "suffix", "iterative", "semi-ar", "refine"), default="depth",
+                   help="sampler (default depth); refine for replacement noise (objective.corruption: uniform)")
     p.add_argument("--steps", type=int, metavar="S", help="denoising steps: iterative (default --length) or per "
                    "semi-ar block (default --block-length); depth/suffix take theirs from the schedule")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 = argmax (default 1.0)")
@@ -767,14 +955,46 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("grow: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _closed_pipe()
     except Exception as exc:
         from grow.checkpoint import Preempted
+        from grow.store import StorageError
 
+        if isinstance(exc, StorageError):  # the OS refused a write: not the user's input, but one line
+            print(f"grow: error: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            # Anywhere else (a log, metrics, a report): stages and checkpoints are written whole or not at all.
+            print(f"grow: error: {exc.strerror}: {exc.filename or 'a write'}; every stage and checkpoint "
+                  "committed before is intact", file=sys.stderr)
+            return 1
         if not isinstance(exc, Preempted):
             raise
         print(f"grow: {exc}; continue with --resume", file=sys.stderr)
         return 143
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _closed_pipe()
     return code or 0
+
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
+
+
+def _closed_pipe() -> int:
+    """The reader of our output went away (``grow status RUN | head -1``): stop quietly.
+
+    stdout is pointed at /dev/null so the interpreter's final flush does not complain either;
+    the exit code is the shell's for a process ended by SIGPIPE.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (captured by a test): nothing to redirect
+        pass
+    return 141
 
 
 if __name__ == "__main__":

@@ -51,6 +51,19 @@ class ModelConfig:
     """Std of the normal init of embeddings, head and block linears."""
     vocab_size: int | None = None
     """Rows of the embedding and the head. None = the tokenizer's size."""
+    attention_bias: bool = False
+    """Biases on the attention linears (q, k, v and o: EuroBERT's one switch). Set from a
+    converted checkpoint that has them (Qwen2's q/k/v biases; o's bias is then zero)."""
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE scaling of a converted checkpoint (transformers' rope_parameters minus rope_theta,
+    e.g. Llama 3's rope_type llama3 with its factors); None = plain RoPE."""
+    init_from: str | None = None
+    """A pretrained causal LM (local directory or hub id) of the Llama family -- Llama, Mistral,
+    Qwen2 -- to start from (``grow/convert.py``, docs/warm_start.md). Its architecture fills
+    every field above that the config leaves out; a value that contradicts it is an error."""
+    init_blocks: bool = True
+    """With init_from: block k starts from the checkpoint's layer k (adapt needs this); false =
+    only the embedding, final norm and head come from the checkpoint and blocks grow fresh."""
 
     def __post_init__(self) -> None:
         _positive(self, "model", "num_blocks", "hidden_size", "num_heads", "max_position_embeddings")
@@ -105,7 +118,7 @@ class ScheduleConfig:
             )
 
 
-CURRICULA = ("right_to_left", "left_to_right", "joint")
+CURRICULA = ("right_to_left", "left_to_right", "joint", "adapt")
 
 
 @dataclass(kw_only=True)
@@ -116,10 +129,11 @@ class CurriculumConfig:
     reaches the network. ``grow/curriculum.py`` turns this section into the run's stages.
     """
 
-    kind: Literal["right_to_left", "left_to_right", "joint"] = "right_to_left"
+    kind: Literal["right_to_left", "left_to_right", "joint", "adapt"] = "right_to_left"
     """right_to_left: stage by stage prepend block k and train it with blocks k+1..L frozen
     (card 4.1); left_to_right: append block k with blocks 1..k-1 before it (card 4.2);
-    joint: one stage trains every block at once (the baseline every comparison needs)."""
+    joint: one stage trains every block at once (the baseline every comparison needs);
+    adapt: every block exists from the start (model.init_from) and one trains at a time."""
     time: Literal["depth", "input"] = "depth"
     """depth: block k is tied to noise level r_k, no time input (card 1.B.2); input: every
     row draws its own level -- U(0, 1), or a band around r_k for right_to_left (card 4.3) --
@@ -148,6 +162,11 @@ class CurriculumConfig:
     final_trains: Literal["adapters", "free_block", "both"] = "adapters"
     """What the final stage trains: every block's LoRA adapter on its 4-bit weights; only the
     blocks no level's own path uses, in full precision (block 1 grown right to left); or both."""
+    order: Literal["descending", "ascending", "random"] = "descending"
+    """adapt: the order blocks train in -- L..1 (BAdam's best), 1..L, or a permutation drawn
+    from train.seed (a new one each pass)."""
+    passes: int = 1
+    """adapt: passes over the blocks (each pass trains every block once)."""
     anchor: float = 0.0
     """Depth-tied curricula: the share of each batch a stage spends keeping the level paths it
     changes where their own stages left them (each such path at its own r_j); 0 = off."""
@@ -167,11 +186,49 @@ class CurriculumConfig:
             raise UserError(f"curriculum.band: expected a positive factor, got {self.band}")
         if self.joint_every < 0 or self.final_steps < 0:
             raise UserError("curriculum.joint_every and curriculum.final_steps must be >= 0")
-        _positive(self, "curriculum", "joint_steps")
+        _positive(self, "curriculum", "joint_steps", "passes")
         if not 0 <= self.anchor < 1:
             raise UserError(f"curriculum.anchor: expected a share of the batch in [0, 1), got {self.anchor}")
         if self.joint_every and self.kind != "left_to_right":
             raise UserError("curriculum.joint_every: periodic joint fine-tunes belong to kind=left_to_right")
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    """What the forward process does to a sample and how a row's loss is weighted
+    (``grow/corruption.py``, ``grow/objective.py``; docs/corruptions.md)."""
+
+    corruption: Literal["mask", "gaussian", "uniform", "duo"] = "mask"
+    """mask: corrupted positions become [MASK], loss on them (LLaDA, MDLM); gaussian: their
+    input embedding is Gaussian noise instead (design card 3), loss on them; uniform: they hold
+    uniformly random tokens and the loss is on every token (tiny-diffusion, uniform-state);
+    duo: Gaussian noise on one-hot tokens then argmax, soft tokens in training, symmetric KL on
+    every token scaled per row by the noise (Duo)."""
+    gaussian_std: float = 1.0
+    """gaussian: std of the input noise, relative to the RMS of the embedding table."""
+    weighting: Literal["mean", "llada", "elbo"] = "mean"
+    """How a row's masked CE becomes its loss: mean = the mean over its corrupted tokens (the
+    ELBO with t integrated out, count form); llada = sum / (t T) with t drawn i.i.d. per row in
+    llada_range within the stage's band (LLaDA's 1/t weight); elbo = sum / (t T) with
+    low-discrepancy t over the band (MDLM's continuous-time ELBO, antithetic/linspace t)."""
+    llada_range: list[float] = field(default_factory=lambda: [0.15, 0.99])
+    """weighting llada: the masking rates a row may draw (LLaDA-style variable 15-99 %)."""
+    duo_temperature: list[float] = field(default_factory=lambda: [0.1, 1e-4])
+    """duo: softmax temperature of the soft tokens at the start and the end of each stage
+    (annealed geometrically; near 0 the soft token is the argmax token)."""
+    duo_smoothing: float = 1e-3
+    """duo: label smoothing of the one-hot target, which keeps KL(p || q) finite."""
+
+    def __post_init__(self) -> None:
+        if not self.gaussian_std > 0:
+            raise UserError(f"objective.gaussian_std: expected > 0, got {self.gaussian_std}")
+        if len(self.duo_temperature) != 2 or not all(t > 0 for t in self.duo_temperature):
+            raise UserError(f"objective.duo_temperature: expected [start, end], both > 0, got {self.duo_temperature}")
+        if not 0 < self.duo_smoothing < 1:
+            raise UserError(f"objective.duo_smoothing: expected a value in (0, 1), got {self.duo_smoothing}")
+        lo_hi = self.llada_range
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] < lo_hi[1] <= 1:
+            raise UserError(f"objective.llada_range: expected [lo, hi] with 0 < lo < hi <= 1, got {lo_hi}")
 
 
 @dataclass(kw_only=True)
@@ -261,6 +318,11 @@ class TrainConfig:
     checkpoint_suffix: bool = False
     """Gradient checkpointing of the frozen suffix: recompute its activations in backward so
     activation memory does not grow with the suffix depth."""
+    ema: bool = False
+    """Keep an exponential moving average of the trained weights; held-out evaluation and
+    the committed stage (so export and sampling) use it."""
+    ema_decay: float = 0.995
+    """Decay of the EMA per optimizer step (MDLM / jif use 0.995)."""
 
     def __post_init__(self) -> None:
         _positive(self, "train", "batch_size", "log_every", "eval_batches")
@@ -284,6 +346,8 @@ class TrainConfig:
             raise UserError("train.warmup_steps and train.weight_decay must be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"train.betas: expected two numbers in [0, 1), got {self.betas}")
+        if not 0 < self.ema_decay < 1:
+            raise UserError(f"train.ema_decay: expected a decay in (0, 1), got {self.ema_decay}")
 
 
 @dataclass(kw_only=True)
@@ -406,6 +470,7 @@ class GrowConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
@@ -425,11 +490,33 @@ class GrowConfig:
                 f"train.steps: has {len(self.train.steps)} entries but model.num_blocks={L}; "
                 "give one number for all stages or one per block"
             )
+        if self.curriculum.kind == "adapt" and not (self.model.init_from and self.model.init_blocks):
+            raise UserError("curriculum.kind: adapt trains the blocks of a pretrained model; set model.init_from "
+                            "(with model.init_blocks: true)")
         if self.data.seq_len > self.model.max_position_embeddings:
             raise UserError(
                 f"data.seq_len: {self.data.seq_len} exceeds model.max_position_embeddings="
                 f"{self.model.max_position_embeddings}"
             )
+
+        self._check_objective()
+
+    def _check_objective(self) -> None:
+        """Combinations of corruption, weighting, curriculum and engine that cannot work."""
+        o, c = self.objective, self.curriculum
+        replaces = o.corruption in ("uniform", "duo")
+        if replaces and c.time == "depth":
+            raise UserError(f"objective.corruption: {o.corruption} replaces tokens, and the depth-tied samplers unmask "
+                            "positions a replacement model never sees masked; use curriculum.time=input")
+        if o.weighting != "mean" and c.time == "depth":
+            raise UserError(f"objective.weighting: {o.weighting} weights each row by 1/t, but with "
+                            "curriculum.time=depth a stage has one level (a constant); use mean or curriculum.time=input")
+        if o.weighting != "mean" and replaces:
+            raise UserError(f"objective.weighting: {o.weighting} is the absorbing-state bound; with "
+                            f"corruption={o.corruption} the loss is on every token, use weighting=mean")
+        if self.train.ema and self.train.deepspeed:
+            raise UserError("train.ema: not supported with --deepspeed (the averaged weights would need "
+                            "gathering from ZeRO partitions); drop one of them")
 
     def ratios(self) -> list[float]:
         """r_1..r_L, strictly decreasing."""
@@ -449,11 +536,20 @@ class GrowConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> GrowConfig:
-    """Read a YAML config (or the defaults when path is None) and apply ``--set`` overrides."""
+def load_config(path: str | Path | None, overrides: list[str] = (), *, checkpoint: bool = True,
+                stored_model: dict[str, Any] | None = None) -> GrowConfig:
+    """Read a YAML config (or the defaults when path is None) and apply ``--set`` overrides.
+
+    With ``model.init_from`` the checkpoint completes and checks the architecture
+    (``grow.convert``); ``checkpoint=False`` takes the config's own fields as they are;
+    ``stored_model`` (a resumed run's model section) stands in for an unreachable checkpoint."""
     raw: dict[str, Any] = read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         apply_override(raw, item)
+    if checkpoint and isinstance(raw.get("model"), dict) and raw["model"].get("init_from"):
+        from grow.convert import resolve_init_from
+
+        raw = resolve_init_from(raw, stored_model)
     return from_dict(GrowConfig, raw)
 
 
@@ -545,6 +641,10 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         if value not in allowed:
             raise UserError(f"{name}: expected one of {', '.join(map(str, allowed))}, got {_show(value)}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise UserError(f"{name}: expected a mapping, got {_show(value)}")
+        return dict(value)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):

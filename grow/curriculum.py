@@ -15,6 +15,10 @@ function here and an entry in ``CURRICULA``.
                    or not, optional periodic joint fine-tunes (card 4.2); with time: depth the
                    network 1..k learns level r_k (the card's rare hybrid)
     joint          one stage, every block and the ends train at once, t ~ U(0, 1): the baseline
+    adapt          a pretrained model (model.init_from): every block from the start, one trains
+                   at a time, the others frozen in 4-bit + LoRA (docs/warm_start.md)
+
+With model.init_from a stage 1 ``convert`` (grow.convert) comes first: the checkpoint's weights.
 
 A final whole-stack stage (``curriculum.final_steps``) may follow any of them.
 """
@@ -76,6 +80,9 @@ class StageSpec:
     also trains on, each at its own r_j, to keep them where their stages left them."""
     anchor_fraction: float = 0.0
     """Share of each batch's rows spent on the anchor levels (curriculum.anchor)."""
+    converted: bool = False
+    """The stage stores blocks first..last and the ends as taken from model.init_from
+    (grow.convert); it trains nothing."""
 
     @property
     def name(self) -> str:
@@ -167,7 +174,45 @@ def joint(cfg: GrowConfig) -> list[StageSpec]:
                       trains_ends=True, noise=Noise(0.0, 1.0), steps=_total_steps(cfg))]
 
 
-CURRICULA = {"right_to_left": right_to_left, "left_to_right": left_to_right, "joint": joint}
+def adapt(cfg: GrowConfig) -> list[StageSpec]:
+    """A pretrained model (model.init_from): every block exists from the start; one block trains
+    at a time in full precision while every other block is frozen (4-bit + LoRA per quant/lora)
+    and the whole stack runs. Order per curriculum.order, curriculum.passes passes; the ends train
+    with the first block only (the mask token's new rows need it), then anchor. Noise: t ~ U(0, 1)
+    with time as input; with time as depth (the hybrid) the stage of block k draws from the band
+    around r_k, still through the whole stack."""
+    import random
+
+    r, L, c = cfg.ratios(), cfg.model.num_blocks, cfg.curriculum
+    rng = random.Random(cfg.train.seed)
+    specs: list[StageSpec] = []
+    for p in range(1, c.passes + 1):
+        order = {"descending": list(range(L, 0, -1)), "ascending": list(range(1, L + 1)),
+                 "random": rng.sample(range(1, L + 1), L)}[c.order]
+        for k in order:
+            depth = c.time == "depth"
+            specs.append(StageSpec(
+                index=len(specs) + 1, label=f"block{k:02d}" + (f"p{p}" if p > 1 else ""), first=1, last=L,
+                train=(k,), adapters=_adapters([j for j in range(1, L + 1) if j != k], k, cfg.lora.blocks,
+                                               cfg.lora.enabled),
+                trains_ends=not specs, noise=band(r, k, c.band) if depth else Noise(0.0, 1.0),
+                steps=cfg.steps_for(k), level=k if depth else None,
+            ))
+    return specs
+
+
+def convert_stage(cfg: GrowConfig) -> StageSpec:
+    """Stage 1 of a run with model.init_from: it stores the checkpoint's ends (and blocks
+    first..last, with model.init_blocks) and trains nothing (0 steps). Its network is every
+    stored block frozen (4-bit + a zero LoRA adapter, as the adapt stages hold them), measured
+    on t ~ U(0, 1)."""
+    L = cfg.model.num_blocks
+    blocks = cfg.model.init_blocks
+    return StageSpec(index=1, label="convert", first=1 if blocks else L + 1, last=L, train=(), adapters=(),
+                     trains_ends=False, noise=Noise(0.0, 1.0), steps=0, converted=True)
+
+
+CURRICULA = {"right_to_left": right_to_left, "left_to_right": left_to_right, "joint": joint, "adapt": adapt}
 
 
 def stage_specs(cfg: GrowConfig) -> list[StageSpec]:
@@ -175,6 +220,8 @@ def stage_specs(cfg: GrowConfig) -> list[StageSpec]:
     specs = CURRICULA[cfg.curriculum.kind](cfg)
     if cfg.curriculum.final_steps:
         specs.append(final_stage(cfg, len(specs) + 1))
+    if cfg.model.init_from:
+        specs = [convert_stage(cfg)] + [replace(s, index=s.index + 1) for s in specs]
     paths = level_paths(cfg)
     if paths is None or not cfg.curriculum.anchor:
         return specs

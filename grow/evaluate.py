@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from grow.corruption import Corruption, corruption_for, keys_rows, rows_of
 from grow.errors import UserError
 from grow.noise import HELDOUT_SALT, corrupt, mask_scores, nested_mask
 
@@ -36,23 +37,33 @@ def heldout_ce(
     batch_size: int,
     batches: int,
     device: torch.device | str = "cpu",
+    corruption: Corruption | None = None,
+    vocab_size: int | None = None,
 ) -> float:
-    """Token-weighted mean CE over masked positions of the first ``batches`` held-out batches.
+    """Token-weighted mean CE over the loss positions of the first ``batches`` held-out batches.
 
     ``logits_fn(ids, t)`` maps corrupted ids (B, T) and the level of each row to logits
     (B, T, V): a grown model's ``model(ids, start=k, t=t)`` or a Hugging Face model's
-    ``lambda x, t: m(input_ids=x).logits`` (a time-free model ignores t).
+    ``lambda x, t: m(input_ids=x).logits`` (a time-free model ignores t). ``corruption``
+    (default [MASK]) says what the corrupted positions hold and where the CE is taken: the
+    corrupted positions, or every token for replacement noise (``vocab_size`` is then the
+    range of the random tokens).
     """
+    corruption = corruption or Corruption()
     total, count = 0.0, 0
     n = heldout.shape[0]
     for b in range(batches):
         keys = [(b * batch_size + i) % n for i in range(batch_size)]
         ids = heldout[keys].to(device)
+        rows = keys_rows(keys, seed, HELDOUT_SALT)
         mask = nested_mask(mask_scores(keys, ids.shape[1], seed, HELDOUT_SALT), ratio).to(device)
+        where = corruption.loss_positions(mask)
         t = torch.full((len(keys),), float(ratio), device=device)
-        logits = logits_fn(corrupt(ids, mask, mask_token_id), t).float()
-        total += torch.nn.functional.cross_entropy(logits[mask], ids[mask], reduction="sum").item()
-        count += int(mask.sum())
+        with rows_of(rows):
+            x = corruption.corrupt(ids, mask, rows, mask_token_id, vocab_size, levels=t.double().cpu())
+            logits = logits_fn(x, t).float()
+        total += torch.nn.functional.cross_entropy(logits[where], ids[where], reduction="sum").item()
+        count += int(where.sum())
         if (b + 1) * batch_size >= n:  # the whole held-out split has been seen once
             break
     return total / count
@@ -82,7 +93,8 @@ def level_report(model, cfg, spec, heldout: torch.Tensor, mask_token_id: int,
 
     ratios = cfg.ratios()
     kw = dict(mask_token_id=mask_token_id, seed=cfg.train.seed, batch_size=cfg.train.batch_size,
-              batches=cfg.train.eval_batches, device=device)
+              batches=cfg.train.eval_batches, device=device, corruption=corruption_for(cfg),
+              vocab_size=model.config.vocab_size)
 
     def ce(first: int, last: int, r: float) -> float:
         return heldout_ce(lambda x, t: model(x, start=first, end=last, t=t), heldout, r, **kw)
@@ -289,6 +301,7 @@ def evaluate_denoiser(
     if batches < 1 or batch_size < 1:
         raise UserError(f"--batches: expected a positive number of held-out batches, got {batches}")
     kw = dict(mask_token_id=mask_id, seed=seed, batch_size=batch_size, batches=batches, device=device)
+    ce_kw = dict(kw, corruption=loaded.corruption, vocab_size=model.config.vocab_size)
     whole = loaded.logits_fn()
     commits = commit_figures(loaded.path) if loaded.source == "run" else {}
     report: dict[str, Any] = {
@@ -300,13 +313,13 @@ def evaluate_denoiser(
     start = time.perf_counter()
     levels, paths = [], {}
     for k, r in enumerate(loaded.ratios, start=1):
-        entry: dict[str, Any] = {"level": k, "ratio": r, "whole": heldout_ce(whole, heldout, r, **kw)}
+        entry: dict[str, Any] = {"level": k, "ratio": r, "whole": heldout_ce(whole, heldout, r, **ce_kw)}
         path = loaded.level_path(k)
         if path is not None:
             paths[k] = path
             same = tuple(path) == (first, last)
             entry["path_blocks"] = list(path)
-            entry["path"] = entry["whole"] if same else heldout_ce(loaded.logits_fn(*path), heldout, r, **kw)
+            entry["path"] = entry["whole"] if same else heldout_ce(loaded.logits_fn(*path), heldout, r, **ce_kw)
         if k in commits:
             entry["commit"], entry["commit_stage"] = commits[k]["ce"], commits[k]["stage"]
             if "path" in entry:
@@ -316,14 +329,18 @@ def evaluate_denoiser(
     log(f"eval: CE per level ({time.perf_counter() - start:.1f}s)")
     if levels_only:
         return report
-    report["grid"] = {"whole": [{"ratio": r, "ce": heldout_ce(whole, heldout, r, **kw)} for r in grid]}
+    report["grid"] = {"whole": [{"ratio": r, "ce": heldout_ce(whole, heldout, r, **ce_kw)} for r in grid]}
     for k, path in paths.items():
         if tuple(path) != (first, last):
             fn = loaded.logits_fn(*path)
-            report["grid"][str(k)] = [{"ratio": r, "ce": heldout_ce(fn, heldout, r, **kw)} for r in grid]
+            report["grid"][str(k)] = [{"ratio": r, "ce": heldout_ce(fn, heldout, r, **ce_kw)} for r in grid]
     log(f"eval: CE curves on {len(grid)} ratios ({time.perf_counter() - start:.1f}s)")
-    report["elbo"] = mdlm_elbo(whole, heldout, **kw).to_dict()
-    log(f"eval: MDLM bound {report['elbo']['bits_per_token']:.3f} bits/token ({time.perf_counter() - start:.1f}s)")
+    if loaded.corruption.replaces_tokens:
+        # The MDLM bound is the absorbing-state one; a replacement model reports CE on all tokens.
+        report["elbo"] = None
+    else:
+        report["elbo"] = mdlm_elbo(whole, heldout, **kw).to_dict()
+        log(f"eval: MDLM bound {report['elbo']['bits_per_token']:.3f} bits/token ({time.perf_counter() - start:.1f}s)")
 
     report["samples"] = {}
     if samples > 0:
@@ -331,9 +348,9 @@ def evaluate_denoiser(
         tok = loaded.tokenizer
         stop = tuple(i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None)
         prompt = torch.zeros((samples, 0), dtype=torch.long, device=device)
-        for mode in modes or [m for m in sampling.MODES if loaded.paths or m not in ("depth", "suffix")]:
+        for mode in modes or sampling.modes_for(loaded.corruption, bool(loaded.paths)):
             generator = torch.Generator(device=device).manual_seed(seed)
-            opts: dict[str, Any] = {"steps": steps} if mode in ("iterative", "semi-ar") else {}
+            opts: dict[str, Any] = {"steps": steps} if mode in ("iterative", "semi-ar", "refine") else {}
             if mode == "semi-ar":
                 opts["block_length"] = min(32, max(1, length // 4))  # several blocks, so the cache is used
                 opts["steps"] = max(1, steps * opts["block_length"] // length)
@@ -381,8 +398,11 @@ def format_report(report: dict[str, Any]) -> str:
         label = f"whole {first}..{last}" if key == "whole" else f"path of {key}"
         lines.append(f"{label:>10} " + "  ".join(f"{g['ce']:>6.3f}" for g in curve))
     e = report["elbo"]
-    lines.append(f"MDLM bound (whole stack): {e['nats_per_token']:.4f} nats/token = {e['bits_per_token']:.4f} "
-                 f"bits/token, perplexity <= {e['perplexity_bound']:.2f} ({e['sequences']} sequences)")
+    if e is None:
+        lines.append("MDLM bound: does not apply to replacement noise; the CE above is on every token")
+    else:
+        lines.append(f"MDLM bound (whole stack): {e['nats_per_token']:.4f} nats/token = {e['bits_per_token']:.4f} "
+                     f"bits/token, perplexity <= {e['perplexity_bound']:.2f} ({e['sequences']} sequences)")
     for mode, s in report["samples"].items():
         lines.append(f"{mode:>9}: {s['tokens_per_s']:>9.1f} tok/s  distinct-1 {s['distinct_1']:.3f}  "
                      f"distinct-2 {s['distinct_2']:.3f}  rep-4 {s['repetition']:.3f}  "
@@ -412,8 +432,8 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
             label=f"whole stack (blocks {first}..{last})")
     ax.set_xlabel("mask ratio (noise level)")
     ax.set_ylabel("held-out masked CE (nats)")
-    ax.set_title(f"CE by noise level; dots: each level's path at r_k; "
-                 f"ELBO {report['elbo']['bits_per_token']:.2f} bits/token", fontsize=9)
+    elbo = f"ELBO {report['elbo']['bits_per_token']:.2f} bits/token" if report["elbo"] else "CE on every token"
+    ax.set_title(f"CE by noise level; dots: each level's path at r_k; {elbo}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

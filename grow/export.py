@@ -47,7 +47,8 @@ import torch
 from grow.errors import UserError
 from grow.model import BLOCK_LINEARS
 from grow.quant import ADAPTER_NAME
-from grow.store import fsync_dir, require_run, write_json_atomic, write_text_atomic
+from grow.store import (STORAGE_ERRORS, StorageError, fsync_dir, require_run, storage_reason,
+                        write_json_atomic, write_text_atomic)
 
 Log = Callable[[str], None]
 
@@ -97,6 +98,11 @@ def check_out(out: Path, run: Path, overwrite: bool) -> Path:
     resolved, run_resolved = out.resolve(), run.resolve()
     if resolved == run_resolved or resolved in run_resolved.parents:
         raise UserError(f"--out: {out} would replace the run {run} itself; choose another directory")
+    # An export never writes into a run: not into this one, another one, a stage, or anything inside them.
+    for place in (resolved, *resolved.parents):
+        if (place / "grow.yaml").is_file():
+            what = "is" if place == resolved else f"is inside {place}, which is"
+            raise UserError(f"--out: {out} {what} a grow run; export to a directory outside every run")
     if resolved == Path.cwd().resolve():
         raise UserError(f"--out: {out} is the working directory; choose a directory to create")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -252,6 +258,9 @@ CURRICULUM_TEXT = {
     "left_to_right": ("left to right: each stage appended a block after the ones already grown and trained the "
                       "network 1..k"),
     "joint": "jointly: every block and the ends trained at once on noise levels t ~ U(0, 1)",
+    "adapt": ("by adapting a pretrained causal LM (converted with bidirectional attention): each stage trained "
+              "one of its {L} blocks in full precision while every other block ran frozen in 4-bit with LoRA "
+              "adapters, through the whole stack"),
 }
 
 
@@ -400,10 +409,7 @@ def export_run(
     (hub options) recorded in the exported command line; ``card_name`` is what the model
     card loads the model as (the hub repo id when pushing; default ``out``).
     """
-    from grow.assemble import RunState
-    from grow.curriculum import level_paths, stage_specs
-    from grow.stages import committed, load_run, versions
-    from grow.units import format_bytes, parse_bytes
+    from grow.units import parse_bytes
 
     run = require_run(Path(run))
     out = check_out(Path(out), run, overwrite)
@@ -416,10 +422,28 @@ def export_run(
     except ValueError as exc:
         raise UserError(f"--max-shard-size: {exc}") from None
 
+    from grow.lock import DirLock
+
+    with DirLock(out, "grow export", flag="--out"):
+        return _export(run, out, dtype=dtype, merge_into=merge_into, max_shard_size=max_shard_size,
+                       overwrite=overwrite, command_extra=command_extra, card_name=card_name, log=log)
+
+
+def _export(run: Path, out: Path, *, dtype, merge_into, max_shard_size, overwrite, command_extra, card_name,
+            log) -> dict[str, Any]:
+    from grow.assemble import RunState
+    from grow.curriculum import level_paths, stage_specs
+    from grow.stages import committed, load_run, versions
+    from grow.units import format_bytes
+
+    out = check_out(out, run, overwrite)  # again, now that nobody else writes it
     cfg, model, tokenizer, _ = load_run(run, "cpu", require_complete=True)
     if model.time_embed is not None:
         raise UserError(f"RUN: {run} is conditioned on the noise level (curriculum.conditioning=embedding), which a "
                         "stock EuroBertForMaskedLM cannot express; sample and evaluate it with grow itself")
+    if cfg.objective.corruption == "gaussian":
+        raise UserError(f"RUN: {run} was trained with gaussian input noise at masked positions, which a stock "
+                        "EuroBertForMaskedLM (it embeds [MASK]) cannot reproduce; sample and evaluate it with grow itself")
     dtype = dtype or cfg.train.precision
     L = model.num_blocks
     stages, _ = committed(run, stage_specs(cfg), verify=False)  # load_run has just verified every hash
@@ -451,7 +475,9 @@ def export_run(
             "curriculum": {"kind": cfg.curriculum.kind, "time": cfg.curriculum.time,
                            "final_steps": cfg.curriculum.final_steps},
             "paths": {str(k): list(v) for k, v in (level_paths(cfg) or {}).items()} or None,
-            "sampling": {**SAMPLING_DEFAULTS, "mode": "depth" if level_paths(cfg) else "iterative"},
+            "sampling": {**SAMPLING_DEFAULTS, "mode": "refine" if cfg.objective.corruption in ("uniform", "duo")
+                         else "depth" if level_paths(cfg) else "iterative"},
+            "corruption": cfg.objective.corruption,
             "merge_into": merge_into,
             "dtype": dtype,
             "seq_len": cfg.data.seq_len,
@@ -477,6 +503,11 @@ def export_run(
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
         _replace_dir(tmp, final)
+    except STORAGE_ERRORS as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"{out} is as it was" if out.exists() else f"nothing was written to {out}"
+        raise StorageError(f"writing the export {out} failed: {storage_reason(exc)}; {kept}, the run is "
+                           "untouched; make room and run the export again") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -58,6 +58,15 @@ class Loaded:
         return self.tokenizer.mask_token_id
 
     @property
+    def corruption(self):
+        """The run's corruption (``objective.corruption``; an export's ``grow.json``)."""
+        from grow.corruption import corruption_for, corruption_named
+
+        if self.config is not None:
+            return corruption_for(self.config)
+        return corruption_named(self.meta.get("corruption", "mask"))
+
+    @property
     def time_input(self) -> bool:
         """The network is given the noise level (curriculum.conditioning: embedding)."""
         return self.model.time_embed is not None

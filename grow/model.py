@@ -62,9 +62,9 @@ def hf_config(cfg: ModelConfig, vocab_size: int, special_ids: dict[str, int | No
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps,
         initializer_range=cfg.init_std,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},
         tie_word_embeddings=False,
-        attention_bias=False,
+        attention_bias=cfg.attention_bias,
         mlp_bias=False,
         pad_token_id=special_ids.get("pad"),
         bos_token_id=special_ids.get("bos"),
@@ -187,6 +187,9 @@ class GrowModel(nn.Module):
                            if time_embedding else None)
         # Blocks in checkpoint_blocks recompute their activations in backward (the frozen ones).
         self.checkpoint_blocks: frozenset[int] = frozenset()
+        # Set by a corruption that puts something other than the [MASK] embedding at masked
+        # positions (grow.corruption.GaussianInputs): hook(ids, embeddings, table) -> embeddings.
+        self.input_hook = None
 
     # ------------------------------------------------------------------ growth
 
@@ -210,7 +213,10 @@ class GrowModel(nn.Module):
         block = EuroBertDecoderLayer(self.config, layer_idx=block_id - 1)
         std = self.config.initializer_range
         for name in BLOCK_LINEARS:
-            nn.init.normal_(block.get_submodule(name).weight, std=std)
+            linear = block.get_submodule(name)
+            nn.init.normal_(linear.weight, std=std)
+            if linear.bias is not None:  # model.attention_bias (a converted Qwen2's shape)
+                nn.init.zeros_(linear.bias)
         return block.to(self.embed_tokens.weight.device)
 
     def set_block(self, block_id: int, block: nn.Module) -> None:
@@ -253,7 +259,10 @@ class GrowModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         # The frozen embedding may be stored in 16-bit (quant.ends_dtype); blocks run in the
         # dtype of the final norm, which always matches the training precision.
-        return self.embed_tokens(input_ids).to(self.norm.weight.dtype)
+        hidden = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
+        if self.input_hook is not None:
+            hidden = self.input_hook(input_ids, hidden, self.embed_tokens.weight)
+        return hidden
 
     def forward_from(
         self, hidden: torch.Tensor, start: int | None = None, end: int | None = None, t: torch.Tensor | None = None

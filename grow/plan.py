@@ -127,6 +127,13 @@ BLOCK_TENSORS = 9  # seven linears + two RMSNorm weights
 TFLOP = 1e12
 
 
+def _stability(cfg: GrowConfig) -> StabilityConfig:
+    """The stability kit of the blocks the run trains (off for blocks from a checkpoint)."""
+    from grow.convert import block_stability  # imports torch; the planner imports it only here
+
+    return block_stability(cfg)
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -443,10 +450,12 @@ class StagePlan:
     flops_per_token: float
     gpu_memory: int
     extra: dict[str, Any] = field(default_factory=dict)
+    ema: int = 0
+    """train.ema: the fp32 average of every trainable parameter (4 bytes each), beside them."""
 
     @property
     def model_states(self) -> int:
-        return self.block_state.gpu + self.ends_state.gpu + self.suffix + self.lora_state.gpu
+        return self.block_state.gpu + self.ends_state.gpu + self.suffix + self.lora_state.gpu + self.ema
 
     @property
     def selected_activations(self) -> int:
@@ -473,6 +482,7 @@ class StagePlan:
                 "ends": asdict(self.ends_state) | {"total": self.ends_state.gpu},
                 "suffix": self.suffix,
                 "lora": asdict(self.lora_state) | {"total": self.lora_state.gpu},
+                "ema": self.ema,
                 "model_states": self.model_states,
                 "workspace": self.workspace,
                 "activations_no_ckpt": self.activations,
@@ -632,6 +642,9 @@ def _assumptions(cfg: GrowConfig, par: Parallel) -> list[str]:
         "allocator fragmentation and communication buckets are not counted",
         "LoRA adapters are fp32 (weights 4 + grads 4 + AdamW 8 bytes per parameter)",
     ]
+    if cfg.train.ema:
+        notes.append("train.ema: an fp32 average of every trainable parameter (4 bytes each), counted in "
+                     "each stage's total")
     if par.deepspeed and par.half:
         notes.append("DeepSpeed 16-bit: trainable weights and grads 2 bytes, optimizer 12 bytes (fp32 master + m + v)")
     elif par.deepspeed:
@@ -640,6 +653,12 @@ def _assumptions(cfg: GrowConfig, par: Parallel) -> list[str]:
         notes.append("plain PyTorch AdamW: fp32 master weights 4, grads 4, optimizer 8 bytes per trainable parameter")
     if cfg.model.vocab_size is None:
         notes.append(f"vocabulary = data.vocab_size ({cfg.data.vocab_size}), an upper bound of the trained tokenizer")
+    if cfg.model.init_from:
+        m = cfg.model
+        params = m.num_blocks * block_params(m) + sum(ends_params(m, plan_vocab(cfg)).values())
+        notes.append(f"stage 1 (convert) loads {m.init_from} once into CPU memory in its stored dtype "
+                     f"({format_bytes(2 * params)} in bf16, {format_bytes(4 * params)} in fp32); later stages read it "
+                     "back one tensor at a time; converted blocks train without spectral norm or residual gain")
     return notes
 
 
@@ -663,6 +682,10 @@ class _Setup:
     def autocast_bf16(self) -> bool:
         """Weights in fp32 that bf16 autocast copies (plain PyTorch; DeepSpeed 16-bit already is)."""
         return self.cfg.train.precision == "bf16" and not self.par.half
+
+    def _soft_tokens(self) -> int:
+        """duo: the noisy one-hot and its softmax, fp32 (B, T, V) each, before the embedding matmul."""
+        return 8 * self.B * self.T * self.vocab if self.cfg.objective.corruption == "duo" else 0
 
     def _logits(self, ratio: float) -> int:
         m, h = masked_positions(ratio, self.T), self.cfg.model.hidden_size
@@ -692,7 +715,7 @@ class _Setup:
         Parametrized linears (spectral norm, residual gain) produce a fresh weight every
         forward, kept in the activation dtype; under bf16 autocast the others are cast copies.
         """
-        stab, lins = self.cfg.stability, block_linears(self.cfg.model)
+        stab, lins = _stability(self.cfg), block_linears(self.cfg.model)
         total = 0
         for lin in lins:
             parametrized = stab.spectral_norm or (stab.gamma != 1.0 and lin.name in ("o_proj", "down_proj"))
@@ -744,7 +767,7 @@ class _Setup:
         P_b, t_b = block_params(m), time_params(cfg)
         # The trained blocks: their states, plus spectral-norm/gain buffers replicated beside them.
         block_state = trainable_states(n * (P_b + t_b), n * (BLOCK_TENSORS + (1 if t_b else 0)), self.par)
-        block_state.params += n * (trained_block_bytes(m, cfg.stability) - 4 * P_b)
+        block_state.params += n * (trained_block_bytes(m, _stability(cfg)) - 4 * P_b)
         e = ends_params(m, self.vocab)
         if trains_ends:
             ends_state = trainable_states(sum(e.values()), 3, self.par)
@@ -775,7 +798,10 @@ class _Setup:
         suffix_full, suffix_ckpt = self._suffix_activations(per_block)
         # FLOPs per token.
         F, F_a = block_forward_flops(m, self.T), lora_forward_flops(m, lora)
-        F_h = 2 * m.hidden_size * self.vocab * masked_positions(spec.noise.representative, self.T) / self.T
+        # Replacement noise (uniform, duo) takes its loss on every token: the head runs everywhere.
+        every = cfg.objective.corruption in ("uniform", "duo")
+        F_h = 2 * m.hidden_size * self.vocab * masked_positions(1.0 if every else spec.noise.representative,
+                                                                self.T) / self.T
         adapted_live = len(live) if lora.enabled else 0
         forward = (n + s) * F + adapted * F_a + F_h
         backward = (2 * n * F + len(live) * F + 2 * trainable_adapters * F_a
@@ -787,10 +813,12 @@ class _Setup:
             steps=spec.steps, tokens=spec.steps * cfg.train.batch_size * self.T, trainable_params=trainable,
             block_state=block_state, ends_state=ends_state, suffix=suffix, lora_state=lora_state,
             workspace=workspace, activations=trained + suffix_full, activations_ckpt=trained + suffix_ckpt,
-            logits=self._logits(spec.noise.hi), grad_ckpt=self.ckpt, flops_per_token=forward + backward + recompute,
+            logits=self._logits(1.0 if every else spec.noise.hi) + self._soft_tokens(), grad_ckpt=self.ckpt,
+            flops_per_token=forward + backward + recompute,
             gpu_memory=self.gpu_memory,
             extra={"label": spec.label, "trains": list(spec.train), "frozen_blocks": s, "adapters": adapted,
                    "trainable_adapters": trainable_adapters},
+            ema=4 * trainable if cfg.train.ema else 0,
         )
 
     def full(self, ratios: list[float]) -> StagePlan:

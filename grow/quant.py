@@ -72,8 +72,8 @@ def quantize_block(block: nn.Module, cfg: QuantConfig, device: torch.device) -> 
         parent = block.get_submodule(parent_name)
         linear = getattr(parent, attr)
         q = lib.nn.Linear4bit(
-            linear.in_features, linear.out_features, bias=False, compute_dtype=DTYPES[cfg.compute_dtype],
-            compress_statistics=cfg.double_quant, quant_type=cfg.quant_type, device="meta",
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            compute_dtype=DTYPES[cfg.compute_dtype], compress_statistics=cfg.double_quant, quant_type=cfg.quant_type, device="meta",
         )
         # One 4-bit CPU path on every machine. On CPUs with AVX512-BF16, bitsandbytes >= 0.49
         # repacks a layer's weight *in place* into a CPU-only layout the first time it runs in
@@ -89,6 +89,8 @@ def quantize_block(block: nn.Module, cfg: QuantConfig, device: torch.device) -> 
             linear.weight.data.detach().to("cpu", torch.float32), requires_grad=False,
             compress_statistics=cfg.double_quant, quant_type=cfg.quant_type, blocksize=cfg.blocksize,
         )
+        if linear.bias is not None:  # biases stay in full precision, as bitsandbytes keeps them
+            q.bias = nn.Parameter(linear.bias.data.detach().to("cpu", torch.float32), requires_grad=False)
         try:
             q = q.to(device)
         except (RuntimeError, NotImplementedError) as exc:

@@ -16,6 +16,9 @@ model go through the same functions: ``grow.inference.load_denoiser`` wraps both
     semi_ar    long outputs block by block, left to right; each block is decoded by the
                iterative routine given the prompt plus a bounded window of what came before,
                with the committed prefix's keys/values cached (Fast-dLLM).
+    refine     replacement noise (objective.corruption: uniform): start from random tokens
+               and re-predict every position every step, re-noising the least confident
+               ones down the schedule -- decoded tokens can still change (self-correction).
 
 Masked positions are never predicted as [MASK]: its logit is removed before choosing.
 """
@@ -31,7 +34,30 @@ import torch
 
 from grow.errors import UserError
 
-MODES = ("depth", "suffix", "iterative", "semi-ar")
+MODES = ("depth", "suffix", "iterative", "semi-ar", "refine")
+REPLACEMENT_MODES = ("refine",)
+
+
+def modes_for(corruption, depth_tied: bool) -> list[str]:
+    """The samplers that apply to a model: refine for replacement noise, the unmasking ones
+    otherwise (depth and suffix only for a depth-tied model)."""
+    if corruption.replaces_tokens:
+        return list(REPLACEMENT_MODES)
+    return [m for m in MODES if m not in REPLACEMENT_MODES and (depth_tied or m not in ("depth", "suffix"))]
+
+
+def check_mode(mode: str, corruption, depth_tied: bool, what: str) -> None:
+    """Refuse a sampler that does not fit the model's corruption or levels, in one line."""
+    if mode in modes_for(corruption, depth_tied):
+        return
+    if corruption.replaces_tokens:
+        raise UserError(f"--mode: {what} was trained with {corruption.name} (token replacement) noise and never "
+                        f"saw [MASK]; use --mode refine")
+    if mode in REPLACEMENT_MODES:
+        raise UserError(f"--mode: refine starts from random tokens, which {what} ({corruption.name} corruption) "
+                        "never saw; use --mode iterative")
+    raise UserError(f"--mode: {mode} steps through noise levels tied to blocks, and {what} has none "
+                    "(it was trained as a whole stack on t ~ U(0, 1)); use --mode iterative or semi-ar")
 
 HiddenFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -246,22 +272,23 @@ def depth(
     After block k the head is read and the most confident masked positions are unmasked,
     leaving r_{k+1} of the generated span masked (none after block L). The new tokens are
     written back into the residual stream: the hidden state at an unmasked position gets
-    ``embed(token) - embed(mask)`` added, which is exactly what re-embedding the updated
-    sequence changes at the layer input, while everything the blocks so far computed stays.
+    ``embed(token) - embed(mask)`` added (the input noise instead of embed(mask) for a
+    gaussian model), which is exactly what re-embedding the updated sequence changes at the
+    layer input, while everything the blocks so far computed stays.
     Block k+1 then continues from that stream.
     """
     x, masked, span = _depth_start(model, prompt, length, mask_id, ratios, paths, temperature, top_p)
     hidden = model.embed(x)
-    mask_embedding = model.embed(torch.tensor([mask_id], device=x.device))
     trace, evals = [], 0
     for k in range(model.first_block, model.last_block + 1):
         if not masked.any():
             break
         hidden = model.forward_from(hidden, k, k, level_of(model, x, mask_id))
         evals += 1
+        before = model.embed(x)  # [MASK] embeddings, or the input noise a gaussian model was given
         x, masked, select, cand = _unmask_to_level(model, hidden, x, masked, span, k, ratios, trace, mask_id=mask_id,
                                                    temperature=temperature, top_p=top_p, generator=generator)
-        hidden = hidden + select.unsqueeze(-1).to(hidden.dtype) * (model.embed(cand) - mask_embedding)
+        hidden = hidden + select.unsqueeze(-1).to(hidden.dtype) * (model.embed(x) - before)
     return SampleResult(x, trace, forwards=1, block_evals=evals, prompt_length=prompt.shape[1])
 
 
@@ -444,6 +471,77 @@ def _check_options(threshold: float | None, remask: float) -> None:
         raise UserError(f"--threshold: expected a confidence in (0, 1], got {threshold}")
     if not 0 <= remask < 1:
         raise UserError(f"--remask: expected a fraction in [0, 1), got {remask}")
+
+
+# --------------------------------------------------------------------------- replacement noise
+
+
+def random_tokens(shape, vocab_size: int, mask_id: int, generator: torch.Generator | None,
+                  device: torch.device | str) -> torch.Tensor:
+    """Uniformly random tokens, never [MASK] (what ``grow.corruption.Uniform`` puts in)."""
+    out = torch.randint(0, vocab_size - 1, shape, generator=generator, device=device)
+    return out + (out >= mask_id).long()
+
+
+@torch.no_grad()
+def refine(
+    model,
+    prompt: torch.Tensor,
+    length: int,
+    *,
+    mask_id: int,
+    steps: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> SampleResult:
+    """Sampling for replacement noise: every generated position is re-predicted every step.
+
+    Args:
+        model: a ``GrowModel`` trained with ``objective.corruption: uniform`` (full stack).
+        prompt: ``(B, P)`` prompt ids; P may be 0.
+        length: tokens to generate after the prompt.
+        mask_id: the tokenizer's mask token id (never produced).
+        steps: S steps, the noise level going t = 1 -> 0 linearly.
+        temperature, top_p: as in ``iterative``; generator: the random stream (start tokens too).
+
+    The generated span starts as uniformly random tokens (level t = 1). Step s predicts a
+    token for every generated position from the current sequence, then puts the sequence at
+    the next level t = 1 - s/S the way training corrupted it: the ceil(t N) least confident
+    positions get fresh random tokens, every other position takes its prediction -- also a
+    position decoded at an earlier step, which is how a wrong token gets corrected. The
+    last step keeps every prediction. ``trace`` records per step the positions whose token
+    changed (``positions``/``tokens``) and which of them were re-noised (``renoised``).
+    """
+    _check(model, prompt, length, temperature=temperature, top_p=top_p)
+    _check_steps(steps)
+    B, P = prompt.shape
+    V = model.config.vocab_size
+    start = random_tokens((B, length), V, mask_id, generator, prompt.device)
+    x = torch.cat([prompt, start], dim=1)
+    editable = torch.zeros_like(x, dtype=torch.bool)
+    editable[:, P:] = True
+    span = editable.sum(1)
+    trace: list[dict[str, Any]] = []
+    level = 1.0
+    for s in range(1, steps + 1):
+        t = torch.full((B,), level, device=x.device) if model.time_embed is not None else None
+        hidden = model.forward_from(model.embed(x), t=t)
+        cand, conf = choose_at(model.head(hidden[editable]), editable, mask_id, temperature, top_p, generator)
+        level = 1.0 - s / steps
+        target = _count(level, span) if s < steps else torch.zeros_like(span)
+        renoise = top_per_row(-conf, editable, target)
+        fresh = random_tokens(x.shape, V, mask_id, generator, x.device)
+        new = torch.where(renoise, fresh, torch.where(editable, cand, x))
+        changed = new != x
+        trace.append({
+            "step": s, "t": level, "positions": _rows(changed), "tokens": _rows(changed, new),
+            "remasked": [[] for _ in range(B)], "renoised": _rows(renoise & changed),
+            "confidence": _mean_conf(conf, editable & ~renoise), "changed": int(changed.sum()),
+        })
+        x = new
+    return SampleResult(x, trace, forwards=steps, block_evals=steps * (model.last_block - model.first_block + 1),
+                        prompt_length=P, extra={"start": start.tolist()})
 
 
 # --------------------------------------------------------------------------- semi-autoregressive
@@ -667,6 +765,11 @@ def generate(
         fn = depth if mode == "depth" else suffix
         return fn(model, prompt, length, mask_id=mask_id, ratios=ratios, paths=paths, temperature=temperature, top_p=top_p,
                   generator=generator)
+    if mode == "refine":
+        if threshold is not None or remask:
+            raise UserError("--threshold/--remask: not used by --mode refine (it re-predicts every position)")
+        return refine(model, prompt, length, mask_id=mask_id, steps=length if steps is None else steps,
+                      temperature=temperature, top_p=top_p, generator=generator)
     if mode == "iterative":
         return iterative(model, prompt, length, mask_id=mask_id, steps=length if steps is None else steps,
                          temperature=temperature, top_p=top_p, threshold=threshold, remask=remask,
@@ -688,7 +791,9 @@ def frames(result: SampleResult, tokenizer, mask_id: int, row: int = 0) -> list[
     so byte-level BPE pieces of one character stay whole.
     """
     P = result.prompt_length
-    current = result.tokens[row].tolist()[:P] + [mask_id] * (result.tokens.shape[1] - P)
+    start = result.extra.get("start")  # refine starts from random tokens, not masks
+    tail = start[row] if start is not None else [mask_id] * (result.tokens.shape[1] - P)
+    current = result.tokens[row].tolist()[:P] + list(tail)
     out = [_render(current, tokenizer, mask_id)]
     for entry in result.trace:
         for pos, tok in zip(entry["positions"][row], entry["tokens"][row]):

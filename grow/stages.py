@@ -34,6 +34,8 @@ from grow.assemble import RunState, assemble, block_prefixes
 from grow.checkpoint import (PREEMPT, Preempted, checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint,
                              trained_tensors)
 from grow.config import GrowConfig
+from grow.convert import block_stability
+from grow.corruption import corruption_for
 from grow.curriculum import StageSpec, stage_specs
 from grow.data import Corpus
 from grow.engine import PlainEngine, autocast, resolve_device, run_loop
@@ -43,7 +45,8 @@ from grow.memory import peak_bytes, reset_peak, stage_account
 from grow.model import GrowModel, add_stability, fold
 from grow.objective import MaskedDiffusionLoss, stage_batch
 from grow.quant import write_adapters
-from grow.store import Stage, list_stages, require_run, write_stage
+from grow.store import (Stage, StorageError, check_run_files, list_stages, remove_leftovers, require_run, stage_dir, stage_problem,
+                        write_stage)
 
 Log = Callable[[str], None]
 
@@ -74,7 +77,8 @@ def committed(run: Path, specs: list[StageSpec], verify: bool = True) -> tuple[l
     """The committed stages that continue the run (a prefix of ``specs``), and why it stops early.
 
     A stage counts only when every stage before it counts: a later stage was trained on top
-    of the earlier ones, so it means nothing without them.
+    of the earlier ones, so it means nothing without them. The reason names the first stage
+    that breaks the prefix and what is wrong with it.
     """
     stages = list_stages(run, verify=verify)
     prefix: list[Stage] = []
@@ -82,13 +86,48 @@ def committed(run: Path, specs: list[StageSpec], verify: bool = True) -> tuple[l
         stage = stages.get(spec.index)
         if stage is None:
             break
-        if stage.spec.get("label") != spec.label:
-            return prefix, f"{stage.name} does not match this config's stage {spec.name}"
+        if stage.spec.get("label") != spec.label or stage.spec.get("train") != list(spec.train):
+            return prefix, (f"{stage.name} (trained blocks {stage.spec.get('train')}) does not match this config's "
+                            f"stage {spec.name} (blocks {list(spec.train)})")
         prefix.append(stage)
     later = sorted(i for i in stages if i > len(prefix))
     if later:
-        return prefix, f"{stages[later[0]].name} follows a missing or invalid {specs[len(prefix)].name}"
+        return prefix, f"{invalid_reason(run, specs[len(prefix)], verify)}, and {stages[later[0]].name} follows it"
     return prefix, None
+
+
+def invalid_reason(run: Path, spec: StageSpec, verify: bool = True) -> str:
+    """What is wrong with stage ``spec`` of ``run`` (its directory missing or invalid)."""
+    path = stage_dir(run, spec.name)
+    if not path.is_dir():
+        return f"{spec.name} is missing"
+    return f"{spec.name} is invalid: {stage_problem(path, verify) or 'does not continue the stages before it'}"
+
+
+def invalid_next(run: Path, specs: list[StageSpec], stages: list[Stage], verify: bool = True) -> str | None:
+    """The reason the stage after ``stages`` is not committed although its directory exists."""
+    if len(stages) >= len(specs) or not stage_dir(run, specs[len(stages)].name).is_dir():
+        return None
+    return invalid_reason(run, specs[len(stages)], verify)
+
+
+def repair_command(run: Path, cfg: GrowConfig, index: int) -> str:
+    """The command that re-runs stage ``index`` of ``run`` and the stages after it."""
+    ds = f" --deepspeed {cfg.train.deepspeed}" if cfg.train.deepspeed else ""
+    return f"grow train {Path(run) / 'grow.yaml'} --out {run} --from-stage {index}{ds}"
+
+
+def read_run_config(run: Path) -> GrowConfig:
+    """The run's config from grow.yaml; one line (the hash problem when there is one) if unreadable."""
+    from grow.config import from_dict
+    from grow.store import run_problem
+
+    path = Path(run) / "grow.yaml"
+    try:
+        return from_dict(GrowConfig, yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, UserError, UnicodeDecodeError, TypeError, AttributeError) as exc:
+        reason = run_problem(run) or str(exc).splitlines()[0]
+        raise UserError(f"RUN: {path} cannot be read: {reason}") from None
 
 
 def load_run(run: Path, device: torch.device | str = "cpu", *, require_complete: bool = False,
@@ -96,22 +135,32 @@ def load_run(run: Path, device: torch.device | str = "cpu", *, require_complete:
     """(config, model, tokenizer, spec) of a run as its newest committed stage left it, in eval mode.
 
     The model is exactly the one that stage measured: the blocks it trained in full
-    precision, the frozen ones in 4-bit with their adapters (per the run's config). Stages
-    after a missing or invalid one are ignored with a warning.
+    precision, the frozen ones in 4-bit with their adapters (per the run's config). grow.yaml
+    and the tokenizer are used only when they match their hashes in run.json. A run whose
+    committed stages are broken in the middle is refused with the command that repairs it;
+    an unfinished run is loaded as far as it goes.
     """
-    from grow.config import from_dict
     from grow.data import load_tokenizer
 
     run = require_run(Path(run))
-    cfg = from_dict(GrowConfig, yaml.safe_load((run / "grow.yaml").read_text()))
+    check_run_files(run, log)
+    cfg = read_run_config(run)
     specs = stage_specs(cfg)
     stages, problem = committed(run, specs)
-    if problem and log is not None:
-        log(f"warning: {run}: {problem}; using the stages before it")
+    if problem:
+        raise UserError(f"RUN: {problem}; repair the run with {repair_command(run, cfg, len(stages) + 1)}")
     if not stages:
         raise UserError(f"RUN: {run} has no complete stage; train one with grow train CONFIG --out {run} --resume")
+    broken = invalid_next(run, specs, stages)
     if require_complete and len(stages) < len(specs):
-        raise UserError(f"RUN: {run} has {len(stages)} of {len(specs)} stages; finish it with grow train --resume")
+        if broken:
+            raise UserError(f"RUN: {broken}; re-run it with {repair_command(run, cfg, len(stages) + 1)}")
+        raise UserError(f"RUN: {run} has {len(stages)} of {len(specs)} stages; finish it with "
+                        f"grow train {run / 'grow.yaml'} --out {run} --resume"
+                        + (f" --deepspeed {cfg.train.deepspeed}" if cfg.train.deepspeed else ""))
+    if broken and log is not None:
+        log(f"warning: {run}: {broken}; using the stages before it (re-run it with "
+            f"{repair_command(run, cfg, len(stages) + 1)})")
     spec = specs[len(stages) - 1]
     tokenizer = load_tokenizer(run / "tokenizer")
     model = assemble(cfg, tokenizer, spec, RunState(stages), device, training=False)
@@ -182,7 +231,7 @@ def stage_files(model: GrowModel, cfg: GrowConfig, spec: StageSpec, snapshot: di
         layer, time = block_prefixes(k)
         prefix = f"blocks.{k - 1}."
         block = replica.new_block(k).cpu()
-        add_stability(block, cfg.stability)
+        add_stability(block, block_stability(cfg))
         block.load_state_dict({n[len(prefix):]: v for n, v in snapshot.items() if n.startswith(prefix)}, strict=True)
         fold(block)
         weights.update({f"{layer}{n}": v for n, v in block.state_dict().items()})
@@ -245,6 +294,8 @@ def train_stage(spec: StageSpec, corpus: Corpus, cfg: GrowConfig, backend: Backe
         )
         memory = {**stage_account(model, spec, getattr(engine, "torch_optimizer", engine.optimizer)),
                   **peak_bytes(device), "trainable_adapter_blocks": list(spec.adapters)}
+        if getattr(engine, "ema", None) is not None:
+            engine.ema.apply()  # the stage measures and commits the averaged weights
         model.eval()
         with autocast(cfg, device):
             own, levels = level_report(model, cfg, spec, corpus.heldout, corpus.mask_token_id, device)
@@ -268,12 +319,20 @@ def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after
     specs = stage_specs(cfg)
     stages, problem = committed(run, specs)
     if problem:
-        first_bad = specs[len(stages)]
-        raise UserError(f"RUN: {problem}; re-run from it with --from-stage {first_bad.index}"
-                        + (f" --deepspeed {cfg.train.deepspeed}" if cfg.train.deepspeed else ""))
+        raise UserError(f"RUN: {problem}; re-run from it with {repair_command(run, cfg, len(stages) + 1)}")
+    if backend.is_main:
+        remove_leftovers(run, log)  # temp dirs of an interrupted commit, checkpoints of committed stages
     if stages:
         log(f"resuming: stages 1..{len(stages)} of {len(specs)} are committed in {run}")
     for spec in specs[len(stages):]:
+        if spec.converted:  # taken from model.init_from, not trained (grow.convert)
+            from grow.convert import commit_conversion
+
+            commit_conversion(cfg, spec, run, corpus, backend, log)
+            stages, _ = committed(run, specs, verify=False)
+            if stop_after is not None and stop_after in (str(spec.index), spec.label, spec.name):
+                break
+            continue
         state = RunState(list(stages))
         model, result = train_stage(spec, corpus, cfg, backend, state, log=log, run=run)
         if backend.is_main:
@@ -299,10 +358,21 @@ def grow_run(cfg: GrowConfig, run: Path, corpus: Corpus, *, log: Log, stop_after
                 "versions": versions(),
             }
             writers = [lambda d: write_adapters(adapters, cfg.lora, d)] if adapters else []
-            write_stage(run, spec.to_dict(), weights, manifest, max_shard_size=cfg.store.max_shard_size,
-                        tokenizer=corpus.tokenizer, extra_writers=writers)
+            try:
+                write_stage(run, spec.to_dict(), weights, manifest, max_shard_size=cfg.store.max_shard_size,
+                            tokenizer=corpus.tokenizer, extra_writers=writers)
+            except StorageError as exc:
+                ckpt = latest_checkpoint(checkpoint_root(run, spec.name), log=lambda s: None)
+                kept = f"its checkpoint at step {ckpt.name.split('-')[1].lstrip('0') or 0}" if ckpt else "no checkpoint"
+                raise StorageError(f"{exc} ({kept}); make room and continue with grow train "
+                                   f"{run / 'grow.yaml'} --out {run} --resume") from None
             shutil.rmtree(checkpoint_root(run, spec.name), ignore_errors=True)  # superseded by the stage
-            log(f"{spec.name} committed: held-out masked CE at {spec.noise.describe()} is "
+            try:  # an empty checkpoints/ too: a resumed run ends with an uninterrupted run's files
+                checkpoint_root(run, spec.name).parent.rmdir()
+            except OSError:
+                pass
+            what = "CE on every token" if corruption_for(cfg).replaces_tokens else "masked CE"
+            log(f"{spec.name} committed: held-out {what} at {spec.noise.describe()} is "
                 f"{result.heldout_ce:.4f} ({result.seconds:.1f} s)")
         backend.barrier()
         del model, result

@@ -1,8 +1,9 @@
 """The stage store: one directory per stage, in run order, committed by a manifest written last.
 
     RUN/
-      grow.yaml               resolved config of the run (informational; manifests are authoritative)
+      grow.yaml               resolved config of the run
       tokenizer/              the run's tokenizer (transformers format)
+      run.json                sha256 of grow.yaml and of every tokenizer file (rewritten with them)
       stage-01-block06/       what stage 1 trained: block 6 (+ embeddings, final norm, head)
         model.safetensors | model-0000i-of-0000n.safetensors
         model.safetensors.index.json
@@ -22,6 +23,11 @@ leaves either nothing or a complete stage. A directory without a valid manifest,
 files do not match the manifest's hashes, does not exist as far as ``grow`` is concerned.
 Weights are stored under EuroBertForMaskedLM's key names, folded (no spectral-norm or gain
 parametrization), in full precision: every later 4-bit copy is rebuilt from them.
+
+Every manifest (stage, checkpoint, ``run.json``) carries the sha256 of its own content, so an
+edited figure (a held-out CE, a block list) is as invalid as a flipped weight. Write failures of
+the operating system (disk full, permission denied, read-only file system) become a
+``StorageError``: one line naming the path and what is still intact.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from safetensors.torch import load_file
 from grow.errors import UserError
 
 MANIFEST = "manifest.json"
+RUN_MANIFEST = "run.json"
+CHECKSUM = "checksum"
 INDEX = "model.safetensors.index.json"
 FORMAT_VERSION = 2  # 2: stages named by run order (stage-NN-LABEL), spec in the manifest
 
@@ -84,6 +92,51 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def manifest_checksum(data: dict[str, Any]) -> str:
+    """sha256 of a manifest's content without its own checksum field (canonical JSON)."""
+    body = {k: v for k, v in data.items() if k != CHECKSUM}
+    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def write_manifest(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """Write a manifest atomically with its own checksum; returns what was written."""
+    data = {**{k: v for k, v in data.items() if k != CHECKSUM}, CHECKSUM: manifest_checksum(data)}
+    write_json_atomic(path, data)
+    return data
+
+
+def manifest_problem(data: Any) -> str | None:
+    if not isinstance(data, dict):
+        return "manifest is not a JSON object"
+    if CHECKSUM not in data:
+        return "manifest has no checksum (edited, or written by an older grow)"
+    if data[CHECKSUM] != manifest_checksum(data):
+        return "manifest was edited after it was written (its checksum does not match its content)"
+    return None
+
+
+class StorageError(Exception):
+    """The operating system refused a write (disk full, permission, read-only): one line, exit 1."""
+
+
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError,)
+try:  # safetensors reports its own I/O failures (e.g. ENOSPC) as SafetensorError
+    from safetensors import SafetensorError
+
+    STORAGE_ERRORS += (SafetensorError,)
+except ImportError:  # older safetensors: its I/O errors are OSErrors
+    pass
+
+
+def storage_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f" ({exc.filename})" if exc.filename else "")
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    # safetensors wraps the OS's words: 'IoError(Os { code: 28, ..., message: "No space left on device" })'
+    found = re.search(r'message: "([^"]+)"', text)
+    return found[1] if found else text
 
 
 def save_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_size: str) -> None:
@@ -152,27 +205,32 @@ def write_stage(
     """
     final = stage_dir(run, f"stage-{spec['index']:02d}-{spec['label']}")
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_weights(weights, tmp, max_shard_size)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for writer in extra_writers:
-        writer(tmp)
-    files = {}
-    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-        files[str(path.relative_to(tmp))] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    manifest = {"format_version": FORMAT_VERSION, "stage": spec, **manifest, "files": files,
-                "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    write_json_atomic(tmp / MANIFEST, manifest)
-    if final.exists():
-        # Only reachable when re-running this stage (--from-stage / --overwrite): keep the old one.
-        final.rename(final.with_name(f"{final.name}.replaced-{int(time.time())}"))
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_weights(weights, tmp, max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for writer in extra_writers:
+            writer(tmp)
+        files = {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            files[str(path.relative_to(tmp))] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        manifest = write_manifest(tmp / MANIFEST, {
+            "format_version": FORMAT_VERSION, "stage": spec, **manifest, "files": files,
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        if final.exists():
+            # Only reachable when re-running this stage (--from-stage / --overwrite): keep the old one.
+            final.rename(final.with_name(f"{final.name}.replaced-{int(time.time())}"))
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except STORAGE_ERRORS as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        raise StorageError(f"writing {final} failed: {storage_reason(exc)}; nothing of {final.name} was kept, "
+                           f"the stages committed before it are intact") from None
     return Stage(final, manifest)
 
 
@@ -191,14 +249,19 @@ def stage_problem(path: Path, verify: bool = True) -> str | None:
         return "no manifest (incomplete write)"
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return "manifest is not valid JSON"
+    problem = manifest_problem(manifest)
+    if problem is not None:
+        return problem
     if manifest.get("format_version") != FORMAT_VERSION:
         return f"manifest format_version {manifest.get('format_version')} is not {FORMAT_VERSION}"
     named = STAGE_NAME.fullmatch(path.name)
     spec = manifest.get("stage")
     if named and (not isinstance(spec, dict) or (spec.get("index"), spec.get("label")) != (int(named[1]), named[2])):
         return f"manifest describes {_stage_name(spec)}, not {path.name}"
+    if named and not _label_fits(spec):
+        return f"manifest says {path.name} trained blocks {spec.get('train')}, which its label does not name"
     for name, entry in manifest.get("files", {}).items():
         file = path / name
         if not file.is_file():
@@ -208,6 +271,14 @@ def stage_problem(path: Path, verify: bool = True) -> str | None:
         if verify and sha256_file(file) != entry["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
     return None
+
+
+def _label_fits(spec: dict[str, Any]) -> bool:
+    """A ``blockNN`` label names the one block its stage trained."""
+    label = str(spec.get("label"))
+    if re.fullmatch(r"block\d+", label):
+        return spec.get("train") == [int(label[5:])]
+    return True
 
 
 def _stage_name(spec: Any) -> str:
@@ -237,3 +308,125 @@ def require_run(run: Path) -> Path:
     if not (run / "grow.yaml").is_file():
         raise UserError(f"RUN: {run} is not a grow run directory (no grow.yaml)")
     return run
+
+
+# --------------------------------------------------------------------------- the run's own files
+
+
+def run_files(run: Path) -> list[Path]:
+    """The files a run is rebuilt from besides its stages: grow.yaml and the tokenizer."""
+    run = Path(run)
+    files = [run / "grow.yaml"]
+    if (run / "tokenizer").is_dir():
+        files += sorted(p for p in (run / "tokenizer").rglob("*") if p.is_file())
+    return files
+
+
+def write_run_manifest(run: Path) -> None:
+    """Hash grow.yaml and the tokenizer into RUN/run.json (after either was (re)written)."""
+    run = Path(run)
+    files = {str(p.relative_to(run)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in run_files(run)}
+    write_manifest(run / RUN_MANIFEST, {"format_version": FORMAT_VERSION, "files": files})
+
+
+def write_run_config(run: Path, text: str) -> None:
+    """Rewrite RUN/grow.yaml and its hash so that a crash at any moment leaves a consistent pair:
+    run.json first accepts the old and the new content, then grow.yaml changes, then run.json
+    is rewritten for the new content alone."""
+    run = Path(run)
+    path = run / "grow.yaml"
+    if path.is_file() and path.read_text() == text and run_problem(run) is None:
+        return
+    manifest_path = run / RUN_MANIFEST
+    if path.is_file() and manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        entry = manifest.get("files", {}).get("grow.yaml")
+        if manifest_problem(manifest) is None and entry is not None:
+            data = text.encode()
+            manifest["files"]["grow.yaml"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                                              "previous": {"sha256": entry["sha256"], "bytes": entry["bytes"]}}
+            write_manifest(manifest_path, manifest)
+    write_text_atomic(path, text)
+    write_run_manifest(run)
+
+
+def _matches(file: Path, entry: dict[str, Any]) -> bool:
+    return file.stat().st_size == entry["bytes"] and sha256_file(file) == entry["sha256"]
+
+
+def run_problem(run: Path) -> str | None:
+    """Why grow.yaml or the tokenizer of ``run`` cannot be trusted (None when they match run.json).
+
+    A run without run.json (written before grow hashed these files) is reported as such.
+    """
+    run = Path(run)
+    path = run / RUN_MANIFEST
+    if not path.is_file():
+        return f"{RUN_MANIFEST} is missing: grow.yaml and tokenizer/ are not covered by a hash"
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{RUN_MANIFEST} is not valid JSON"
+    problem = manifest_problem(manifest)
+    if problem is not None:
+        return f"{RUN_MANIFEST}: {problem}"
+    listed = manifest.get("files", {})
+    for name, entry in listed.items():
+        file = run / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if not (_matches(file, entry) or ("previous" in entry and _matches(file, entry["previous"]))):
+            return f"{name} was changed after grow wrote it (its sha256 does not match {RUN_MANIFEST})"
+    extra = [str(p.relative_to(run)) for p in run_files(run) if str(p.relative_to(run)) not in listed]
+    if extra:
+        return f"{extra[0]} was added after grow wrote the run (not in {RUN_MANIFEST})"
+    return None
+
+
+def check_run_files(run: Path, log=None) -> None:
+    """Refuse (one line) a run whose grow.yaml or tokenizer differs from the hashed copy; a run
+    from before run.json only gets a warning through ``log``."""
+    problem = run_problem(run)
+    if problem is None:
+        return
+    if not (Path(run) / RUN_MANIFEST).is_file():
+        if log is not None:
+            log(f"warning: {run}: {problem}")
+        return
+    raise UserError(f"RUN: {run}: {problem}; restore it (each stage's manifest.json holds the config and its "
+                    "directory the tokenizer that stage ran with)")
+
+
+# --------------------------------------------------------------------------- leftovers
+
+
+def leftovers(run: Path) -> list[tuple[Path, str]]:
+    """Files an interrupted command left in ``run`` that no committed state refers to:
+    temp directories of a stage commit or a checkpoint, checkpoints of committed stages."""
+    run = Path(run)
+    found: list[tuple[Path, str]] = []
+    if not run.is_dir():
+        return found
+    for path in sorted(run.iterdir()):
+        if ".tmp-" in path.name:
+            found.append((path, "an interrupted write"))
+    committed = {s.name for s in list_stages(run).values()}
+    root = run / "checkpoints"
+    if root.is_dir():
+        for path in sorted(root.iterdir()):
+            if path.name in committed:
+                found.append((path, "checkpoints of a committed stage"))
+            elif path.is_dir():
+                found += [(p, "an interrupted checkpoint") for p in sorted(path.glob(".step-*.tmp-*"))]
+    return found
+
+
+def remove_leftovers(run: Path, log=None) -> None:
+    """Remove ``leftovers(run)``; only called by the holder of the run's lock."""
+    for path, why in leftovers(run):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        if log is not None:
+            log(f"removed {path.relative_to(run)} ({why})")

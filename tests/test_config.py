@@ -11,8 +11,10 @@ CONFIGS = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_validates(path):
-    cfg = load_config(path)
+def test_every_shipped_config_validates(path, tmp_path):
+    from test_convert import shipped_config
+
+    cfg = shipped_config(path, tmp_path)
     assert isinstance(cfg, GrowConfig)
     assert len(cfg.ratios()) == cfg.model.num_blocks
 

@@ -146,6 +146,12 @@ def test_preempted_deepspeed_stage_resumes_with_the_same_losses(tmp_path, corpus
     assert proc.returncode == 143, out[-2000:]
     saved = sorted(root.glob("step-*"))[-1]
     assert (saved / "deepspeed").is_dir() and (saved / "manifest.json").is_file()
+    # issue 11 row 8: the same resume without --deepspeed is one line naming the flag, and changes nothing
+    plain = [a for a in grow_args(run, corpus, ds, extra) if a not in ("--deepspeed", str(ds))]
+    proc = launch([*plain, "--resume"], 1, wait=False)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in out, out[-2000:]
+    assert f"was saved under DeepSpeed; resume with --deepspeed {ds}" in out
     out = launch([*grow_args(run, corpus, ds, extra), "--resume"], 1)
     assert "resuming at step" in out
     (wr, mr), (w, m) = weights(tmp_path / "ref"), weights(run)

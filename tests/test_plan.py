@@ -377,8 +377,10 @@ def test_render_prints_every_stage_of_a_deep_model():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_shipped_config_validates_and_plans(path):
-    cfg = load_config(path)
+def test_every_shipped_config_validates_and_plans(path, tmp_path):
+    from test_convert import shipped_config
+
+    cfg = shipped_config(path, tmp_path)
     p = plan(cfg)
     # One planned row per stage the curriculum yields (joint runs have one, left-to-right
     # with periodic joint stages more than num_blocks), each named like its stage directory.

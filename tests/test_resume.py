@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides, write_corpus
-from grow.checkpoint import PREEMPT
+from conftest import main_preempted_at, tiny_overrides, write_corpus
 from grow.cli import main
 from grow.store import list_stages
 
@@ -52,19 +51,7 @@ def reference(tmp_path_factory, corpus):
 
 def preempt_at(run, corpus, stage: str, step: int, extra=()) -> int:
     """Train until the SIGTERM handler's effect is triggered at ``step`` of ``stage``."""
-    def stop_at(line):
-        if line.startswith(stage + " ") and f"step {step}/" in line:
-            PREEMPT.requested = True
-
-    import grow.cli as cli
-
-    original = cli._log_to
-    try:
-        cli._log_to = lambda r: (lambda line: (stop_at(line), original(r)(line)))
-        return main(["train", "configs/tiny.yaml", "--out", str(run), *sets(corpus, extra)])
-    finally:
-        cli._log_to = original
-        PREEMPT.requested = False
+    return main_preempted_at(["train", "configs/tiny.yaml", "--out", str(run), *sets(corpus, extra)], stage, step)
 
 
 @pytest.mark.parametrize("stage, stop_step", [("stage-01-block02", 8), ("stage-02-block01", 12)])
@@ -116,6 +103,8 @@ def test_killed_process_resumes_identically(tmp_path, corpus, reference, sig):
         assert proc.returncode == -signal.SIGKILL
     assert main(["train", "configs/tiny.yaml", "--out", str(run), "--resume", *sets(corpus)]) == 0
     assert_same_run(reference, run)
+    # issue 11 row 9: no leftovers either -- the very files (and directories) of the uninterrupted run
+    assert {p.relative_to(run) for p in run.rglob("*")} == {p.relative_to(reference) for p in reference.rglob("*")}
 
 
 def test_from_stage_sets_later_stages_aside_and_regrows(tmp_path, corpus, reference):
