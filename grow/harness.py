@@ -162,7 +162,7 @@ class GrowLM(LM):
         super().__init__()
         from grow.engine import resolve_device
         from grow.inference import load_denoiser
-        from grow.sample import MODES
+        from grow.sample import MODES, check_mode, modes_for
 
         path = path or pretrained
         if not path:
@@ -199,13 +199,12 @@ class GrowLM(LM):
         self.max_length = _positive_int(max_length or min(trained, context), "max_length")
         if self.max_length > context:
             raise UserError(f"max_length: {self.max_length} exceeds the model's {context} positions")
-        default_mode = self.loaded.meta.get("sampling", {}).get("mode") or (
-            "depth" if self.loaded.paths else "iterative")
-        self.mode = mode or default_mode
+        depth_tied = self.loaded.paths is not None
+        self.mode = mode or self.loaded.meta.get("sampling", {}).get("mode") or modes_for(
+            self.loaded.corruption, depth_tied)[0]
         if self.mode not in MODES:
             raise UserError(f"mode: unknown sampler {self.mode!r}; expected one of {', '.join(MODES)}")
-        if self.mode in ("depth", "suffix") and not self.loaded.paths:
-            raise UserError(f"mode: {self.mode} needs level paths and {path} has none; use iterative or semi-ar")
+        check_mode(self.mode, self.loaded.corruption, depth_tied, str(path))
         self.steps = None if steps is None else _positive_int(steps, "steps")
         self.block_length = _positive_int(block_length, "block_length")
         self.gen_length = _positive_int(gen_length, "gen_length")
@@ -347,6 +346,10 @@ class GrowLM(LM):
 
         is_greedy: with every continuation token masked, each one is the network's argmax.
         """
+        if self.loaded.corruption.replaces_tokens:
+            raise UserError(f"loglikelihood: {self.path} was trained with {self.loaded.corruption.name} (token "
+                            "replacement) noise, never with [MASK], so the masked-diffusion bound does not apply; "
+                            "only generation tasks run on it")
         rows = [row for i, (ctx, cont) in enumerate(pairs) for row in self._rows(i, ctx, cont, prepend)]
         # one forward per batch of rows of one length run through the same blocks (no padding:
         # the model has no attention mask); a time-conditioned model gets each row's own level

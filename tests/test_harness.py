@@ -300,3 +300,25 @@ def test_after_a_final_whole_stack_stage_the_whole_stack_scores(tmp_path):
         lm = GrowLM(path=str(tmp_path / path), mc_num=2, device="cpu")
         assert lm.loaded.paths and lm.stack == "whole"
         assert GrowLM(path=str(tmp_path / path), mc_num=2, device="cpu", stack="level").stack == "level"
+
+
+def test_replacement_noise_generates_but_has_no_masked_bound(tmp_path):
+    """A model trained with uniform token replacement never saw [MASK]: generation tasks run with
+    the refine sampler, log-likelihood requests are refused in one line."""
+    from lm_eval.api.instance import Instance
+
+    from grow.cli import main
+    from grow.errors import UserError
+    from grow.harness import GrowLM
+
+    corpus = write_cycle_corpus(tmp_path / "corpus.txt", n_docs=30)
+    assert main(["train", "configs/tiny-uniform.yaml", "--out", str(tmp_path / "run"),
+                 *tiny_overrides(corpus, blocks=2, steps=2)]) == 0
+    lm = GrowLM(path=str(tmp_path / "run"), mc_num=2, device="cpu")
+    assert lm.mode == "refine"
+    text, = lm.generate_until([Instance("generate_until", {}, ("in the", {"until": [], "max_gen_toks": 4}), 0)])
+    assert isinstance(text, str)
+    with pytest.raises(UserError, match="token replacement"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("in the", " beginning"), 0)])
+    with pytest.raises(UserError, match="refine"):
+        GrowLM(path=str(tmp_path / "run"), mode="iterative", device="cpu")
