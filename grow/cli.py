@@ -505,6 +505,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     def log(line: str) -> None:
         print(line, file=sys.stderr)
 
+    if args.tasks:  # lm-evaluation-harness tasks instead of grow's own report (grow.harness)
+        return _eval_tasks(args)
     grid = parse_ratios(args.ratios) if args.ratios else list(DEFAULT_GRID)
     for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size), ("--steps", args.steps)):
         at_least(flag, value, 1)
@@ -531,6 +533,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.plot:
         plot_report(report, args.plot)
         log(f"eval: wrote {args.plot}")
+
+
+def _eval_tasks(args: argparse.Namespace) -> None:
+    if args.levels or args.plot or args.ratios or args.data:
+        raise UserError("--tasks: runs lm-eval tasks; --levels, --plot, --ratios and --data apply to grow's own report")
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UserError("--tasks: needs lm-eval, the eval extra: pip install -e '.[eval]'")
+    from grow import harness
+
+    results = harness.evaluate_tasks(args.model, args.tasks, mc_num=args.mc_num, batch_size=args.batch_size or 32,
+                                     seed=args.seed, limit=args.limit, device=args.device)
+    print(harness.results_table(results))
+    if args.json:
+        Path(args.json).write_text(harness.results_json(results))
+        print(f"eval: wrote {args.json}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------ ablate
@@ -834,6 +853,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "path now (and its drift), the whole stack (skips the grid, the bound and the samples)")
     p.add_argument("--json", metavar="FILE", help="write the whole report as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="plot CE against noise level, one curve per stage")
+    p.add_argument("--tasks", metavar="NAMES_OR_YAML", help="run lm-evaluation-harness tasks instead (comma-separated "
+                   "task names or task YAML files; needs the eval extra); docs/evaluate.md")
+    p.add_argument("--mc-num", type=int, default=32, metavar="N", help="--tasks: Monte Carlo mask draws per "
+                   "log-likelihood (default 32)")
+    p.add_argument("--limit", type=float, metavar="N", help="--tasks: only the first N documents of each task")
 
     p = sub.add_parser("data", help="prepare a corpus as memory-mapped token shards; inspect one",
                        description="Corpora at scale: `grow data prepare` tokenizes a source once into packed, "

@@ -29,7 +29,7 @@ done
 VENV=.venv-latest
 rm -rf "$VENV"  # always from scratch: nothing left over from an earlier try
 # setup_env.sh without constraints: torch pinned as usual, the rest the newest setup.cfg allows.
-GROW_VENV="$VENV" GROW_CONSTRAINTS= EXTRAS=test,demo,deepspeed source launch/setup_env.sh
+GROW_VENV="$VENV" GROW_CONSTRAINTS= EXTRAS=test,demo,deepspeed,eval source launch/setup_env.sh
 PY="$VENV/bin/python"
 if [ "$RANGES" = 0 ]; then
   # Past the upper bounds: every requirement by name, newest release, torch held where it is.
