@@ -357,7 +357,13 @@ def conclusions(summary: dict[str, Any]) -> str:
     for d, n in deltas:
         out.append(f"`{n}` ({arms[n]['what']}) {cmp(d)} growth as configured by {abs(d):.4f} nats.")
     best = min(arms, key=lambda n: arms[n]["samples"].get("iterative", {}).get("ngram_ppl", float("inf")))
-    out.append(f"The most corpus-like iterative samples (bigram judge) come from `{best}`.")
+    it = arms[best]["samples"].get("iterative")
+    if it:
+        # A bigram judge rewards frequent pairs, repeated ones included: say how repetitive they are.
+        out.append(f"The most corpus-like iterative samples by the bigram judge come from `{best}` (perplexity "
+                   f"{it['ngram_ppl']:.1f}, 4-gram repetition {it['repetition']:.2f}"
+                   + ("; that low perplexity is mostly repeated frequent pairs" if it["repetition"] > 0.3 else "")
+                   + ").")
     return " ".join(out)
 
 
