@@ -12,7 +12,7 @@ from grow.cli import main
 from grow.config import load_config
 from grow.curriculum import stage_specs
 from grow.store import list_stages
-from test_convert import make_checkpoint, source_logits
+from test_convert import make_checkpoint
 
 
 def run_cli(*args):
