@@ -490,6 +490,11 @@ class GrowConfig:
                 f"train.steps: has {len(self.train.steps)} entries but model.num_blocks={L}; "
                 "give one number for all stages or one per block"
             )
+        c = self.curriculum
+        if c.final_steps and c.final_trains == "adapters" and not self.lora.enabled:
+            raise UserError("curriculum.final_trains: adapters trains the LoRA adapters of every block, and "
+                            "lora.enabled is false; set curriculum.final_trains=free_block, enable LoRA, "
+                            "or curriculum.final_steps=0")
         if self.curriculum.kind == "adapt" and not (self.model.init_from and self.model.init_blocks):
             raise UserError("curriculum.kind: adapt trains the blocks of a pretrained model; set model.init_from "
                             "(with model.init_blocks: true)")

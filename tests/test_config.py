@@ -93,3 +93,10 @@ def test_a_config_names_only_what_it_changes_from_its_base(tmp_path):
     (tmp_path / "missing.yaml").write_text("base: nowhere.yaml\n")
     with pytest.raises(UserError, match="no such file: .*nowhere.yaml"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_final_stage_of_adapters_needs_lora():
+    with pytest.raises(UserError, match="curriculum.final_trains: adapters trains the LoRA adapters"):
+        load_config("configs/tiny.yaml", ["lora.enabled=false"])
+    cfg = load_config("configs/tiny.yaml", ["lora.enabled=false", "curriculum.final_trains=free_block"])
+    assert cfg.curriculum.final_steps > 0
