@@ -203,11 +203,16 @@ def measure_arm(run: Path, *, samples: int, steps: int, exports: bool, log: Log)
                     for mode, s in report["samples"].items()},
         "exports": {},
     }
-    if exports and cfg.curriculum.conditioning == "none":
+    if exports:
         for merge in ("dequantized", "original"):
             out = run.parent / f"{run.name}.export-{merge}"
-            if not (out / "config.json").is_file():
-                export_run(run, out, merge_into=merge, overwrite=True, log=lambda s: None)
+            try:
+                if not (out / "config.json").is_file():
+                    export_run(run, out, merge_into=merge, overwrite=True, log=lambda s: None)
+            except UserError as exc:  # e.g. a time embedding or Gaussian input noise: no stock export
+                result["export_refused"] = str(exc)
+                result["exports"] = {}
+                break
             hf = load_denoiser(out, log=lambda s: None)
             levels = evaluate_denoiser(hf, heldout, levels_only=True, **kw)["levels"]
             result["exports"][merge] = [e["whole"] for e in levels]
@@ -328,6 +333,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += ["", "Whole-stack CE of the export, mean over levels, per merge mode:", "",
                   "| arm | dequantized | original |", "|---|---|---|"]
         lines += [f"| {n} | {_mean(e['dequantized']):.4f} | {_mean(e['original']):.4f} |" for n, e in exported.items()]
+    refused = {n: r["export_refused"] for n, r in arms.items() if r.get("export_refused")}
+    if refused:
+        lines += ["", "No stock export: " + "; ".join(f"{n} ({why})" for n, why in refused.items())]
     if summary["skipped"]:
         lines += ["", "Skipped: " + "; ".join(f"{n} ({why})" for n, why in summary["skipped"].items())]
     lines += ["", "## Conclusions", "", conclusions(summary), ""]

@@ -85,3 +85,14 @@ def test_two_arms_end_to_end_and_a_killed_ablation_continues(tmp_path, corpus_fi
     md = (out / "ablation.md").read_text()
     assert "| grow |" in md and "| joint |" in md and "## Conclusions" in md and "joint baseline" in md
     assert (out / "ablation.png").stat().st_size > 0
+
+
+def test_an_arm_without_a_stock_export_is_measured_and_says_why(tmp_path, corpus_file):
+    from grow.ablate import measure_arm
+
+    run = tmp_path / "gaussian"
+    assert main(["train", "configs/tiny.yaml", "--out", str(run), *tiny_overrides(corpus_file, blocks=2, steps=3),
+                 "--set", "objective.corruption=gaussian"]) == 0
+    result = measure_arm(run, samples=0, steps=2, exports=True, log=lambda s: None)
+    assert result["exports"] == {} and "gaussian" in result["export_refused"]
+    assert len(result["levels"]) == 2
