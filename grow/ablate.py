@@ -97,8 +97,7 @@ def budget_sets(config: str, sets: Sequence[str], budget: int) -> list[str]:
     cfg = load_config(config, list(sets))
     per_step = cfg.train.batch_size * cfg.data.seq_len
     target = max(1, round(budget / per_step))
-    L = cfg.model.num_blocks
-    growth = [cfg.train.steps] * L if isinstance(cfg.train.steps, int) else list(cfg.train.steps)
+    growth = [cfg.steps_for(k) for k in range(1, cfg.model.num_blocks + 1)]
     c = cfg.curriculum
     # The steps a curriculum spends beyond train.steps (periodic joint stages, the final stage)
     # scale with it, so the arm's total lands on the target.
@@ -176,15 +175,17 @@ def measure_arm(run: Path, *, samples: int, steps: int, exports: bool, log: Log)
     import torch
 
     from grow.data import load_corpus
-    from grow.evaluate import evaluate_denoiser, heldout_for
+    from grow.evaluate import evaluate_denoiser
     from grow.export import export_run
     from grow.inference import load_denoiser
     from grow.store import list_stages
 
     loaded = load_denoiser(run, torch.device("cpu"), log=log)
     cfg = loaded.config
-    heldout, seed = heldout_for(loaded, log=log)
-    corpus = load_corpus(cfg.data, run / "tokenizer", cfg.train.seed, log=lambda s: None)
+    # The run's own split, as heldout_for rebuilds it: its held-out rows for every CE, its
+    # training rows for the judge, from one load.
+    corpus = load_corpus(cfg.data, run / "tokenizer", cfg.train.seed, log=log)
+    heldout, seed = corpus.heldout, cfg.train.seed
     judge = Ngram(corpus.train, len(loaded.tokenizer))
     kw = dict(batches=cfg.train.eval_batches, batch_size=cfg.train.batch_size, seed=seed)
     report = evaluate_denoiser(loaded, heldout, samples=samples, steps=steps, log=log,
@@ -314,12 +315,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
                for m in ("depth", "iterative", "semi-ar")]
         lines.append(
             f"| {name} | {r['what']} | {r['tokens']:,} | {r['train_seconds']:.0f} | {r['peak_bytes'] / 2**20:.0f} MiB | "
-            f"{_mean(whole(r)):.4f} | {_mean(p):.4f} | {r['elbo']['bits_per_token']:.3f} | "
-            f"{it.get('ngram_ppl', float('nan')):.1f} | {it.get('distinct_2', float('nan')):.3f} | "
-            f"{it.get('repetition', float('nan')):.3f} | {' | '.join(tps)} |"
-            if p else
-            f"| {name} | {r['what']} | {r['tokens']:,} | {r['train_seconds']:.0f} | {r['peak_bytes'] / 2**20:.0f} MiB | "
-            f"{_mean(whole(r)):.4f} | - | {r['elbo']['bits_per_token']:.3f} | "
+            f"{_mean(whole(r)):.4f} | {f'{_mean(p):.4f}' if p else '-'} | {r['elbo']['bits_per_token']:.3f} | "
             f"{it.get('ngram_ppl', float('nan')):.1f} | {it.get('distinct_2', float('nan')):.3f} | "
             f"{it.get('repetition', float('nan')):.3f} | {' | '.join(tps)} |")
     header = "| arm | " + " | ".join(f"r={r:g}" for r in ratios) + " |"
