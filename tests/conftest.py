@@ -118,16 +118,17 @@ def main_preempted_at(argv: list[str], stage: str, step: int) -> int:
     """``grow.cli.main(argv)``, with the SIGTERM handler's flag raised once the log reports
     ``step`` of ``stage``: a preemption at an exact step, in process."""
     import grow.cli as cli
+    import grow.cli.train as train
     from grow.checkpoint import PREEMPT
 
     def stop_at(line):
         if line.startswith(stage + " ") and f"step {step}/" in line:
             PREEMPT.requested = True
 
-    original = cli._log_to
+    original = train._log_to
     try:
-        cli._log_to = lambda r: (lambda line: (stop_at(line), original(r)(line)))
+        train._log_to = lambda r: (lambda line: (stop_at(line), original(r)(line)))
         return cli.main(argv)
     finally:
-        cli._log_to = original
+        train._log_to = original
         PREEMPT.requested = False

@@ -311,7 +311,7 @@ def preempt_at(run, corpus, stage: str, step: int, extra=()) -> int:
 def test_resume_with_the_other_engine_is_one_line(tmp_path, corpus, capsys):
     """issue 11 row 8: a checkpoint DeepSpeed wrote, resumed without --deepspeed, is a one-line
     error naming the flag (and a plain checkpoint resumed under DeepSpeed the reverse)."""
-    from grow.cli import _check_resume
+    from grow.cli.train import _check_resume
     from grow.curriculum import stage_specs
 
     run = tmp_path / "run"
@@ -508,14 +508,14 @@ def test_sampling_past_the_trained_length_warns(base, capsys):
 def test_permission_denied_anywhere_else_is_one_line(base, tmp_path, capsys, monkeypatch):
     """issue 11 row 7: an OS refusal outside the stage and export writers (here EACCES on eval's
     --json report) is still one line naming the path, exit 1, no traceback."""
-    import grow.cli
+    import grow.cli.sample_eval
 
     target = tmp_path / "report.json"
 
     def denied(path, text):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
-    monkeypatch.setattr(grow.cli, "write_text_atomic", denied)
+    monkeypatch.setattr(grow.cli.sample_eval, "write_text_atomic", denied)
     assert main(["eval", str(base), "--levels", "--json", str(target)]) == 1
     line = one_line(capsys.readouterr().err)
     assert f"Permission denied: {target}" in line and "intact" in line

@@ -1,0 +1,49 @@
+"""``grow ablate``: growth against the joint baseline, every part switched off in turn (grow.ablate)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from grow.errors import UserError
+
+
+def add_ablate_parser(sub) -> None:
+    from grow.ablate import arm_names
+
+    p = sub.add_parser("ablate", help="growth against the joint baseline, every part switched off in turn",
+                       description="Train the arms one after another on the same data, shape, tokenizer, seed and "
+                       "token budget, each as an ordinary run in OUT/arms/NAME, measure every arm the same way "
+                       "(CE per level through each path and the whole stack, the MDLM bound, sample statistics "
+                       "with a bigram judge, throughput, time, memory, both export merges) and write "
+                       "OUT/ablation.md, .json and .png. Run it again to continue a killed ablation. Arms: "
+                       + ", ".join(arm_names()) + ".")
+    p.add_argument("config", metavar="CONFIG", help="YAML config of the `grow` arm; the others change it")
+    p.add_argument("--out", required=True, metavar="DIR", help="ablation directory (continued when it exists)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field for "
+                   "every arm (repeatable)")
+    p.add_argument("--budget", type=int, metavar="TOKENS", help="training tokens per arm, spread over its stages "
+                   "in the config's proportions (default: what the config's own stages spend)")
+    p.add_argument("--only", metavar="ARM,ARM", help="run only these arms")
+    p.add_argument("--samples", type=int, default=4, metavar="N", help="samples per sampler and arm (default 4)")
+    p.add_argument("--steps", type=int, default=32, metavar="S", help="iterative/semi-ar steps (default 32)")
+    p.add_argument("--no-export", action="store_true", help="skip exporting each arm with both merge modes")
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from grow.ablate import run_ablation
+
+    if args.budget is not None and args.budget < 1:
+        raise UserError(f"--budget: expected a positive number of tokens, got {args.budget}")
+    if args.samples < 0 or args.steps < 1:
+        raise UserError("--samples must be >= 0 and --steps >= 1")
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    out = Path(args.out)
+    run_ablation(args.config, out, sets=args.set or [], budget=args.budget, only=args.only, samples=args.samples,
+                 steps=args.steps, exports=not args.no_export, log=log)
+    print((out / "ablation.md").read_text())
+    log(f"ablate: wrote {out / 'ablation.md'}, {out / 'ablation.json'} and {out / 'ablation.png'}")
