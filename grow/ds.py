@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,27 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def deepspeed_arch_list(value: str) -> str:
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed's JIT op builder can read it.
+
+    DeepSpeed 0.19 parses each entry as numbers and dies with a traceback on arch-specific
+    targets such as "9.0a", which CUDA images for Hopper set (seen on an H200: FusedAdam's
+    build, the optimizer of ds_configs/zero2.json and zero3.json). The plain "9.0" target builds
+    the same fused optimizer, so the letter is dropped; "+PTX" is kept.
+    """
+    out = []
+    for entry in re.split(r"[;\s]+", value.strip()):
+        match = re.fullmatch(r"(\d+\.\d+)[a-z]?(\+PTX)?", entry)
+        if entry:
+            out.append(match.group(1) + (match.group(2) or "") if match else entry)
+    return ";".join(dict.fromkeys(out))
+
+
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join the process group the launcher set up; (rank, world size)."""
     deepspeed = deepspeed_lib()
+    if device.type == "cuda" and os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     if "RANK" not in os.environ:
         # Started without the launcher: a one-process group, so `grow train --deepspeed` just works.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")

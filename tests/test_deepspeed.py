@@ -247,3 +247,15 @@ def test_missing_deepspeed_json(tmp_path, corpus, capsys):
 
     assert main(grow_args(tmp_path / "run", corpus, tmp_path / "nope.json")) == 2
     assert "--deepspeed: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("9.0a", "9.0"),                      # the H200 image's setting; DeepSpeed 0.19 cannot parse it
+    ("8.0;9.0a;10.0a+PTX", "8.0;9.0;10.0+PTX"),
+    ("7.5 8.6+PTX", "7.5;8.6+PTX"),       # space-separated, as torch also accepts
+    ("9.0;9.0a", "9.0"),                  # no duplicate target
+])
+def test_arch_list_is_made_readable_for_deepspeed_op_builds(value, expected):
+    from grow.ds import deepspeed_arch_list
+
+    assert deepspeed_arch_list(value) == expected
