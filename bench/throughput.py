@@ -79,17 +79,24 @@ def main() -> None:
     run = Path(args.out or tempfile.mkdtemp(prefix="grow-throughput-")) / "run"
     cmd = [sys.executable, "-m", "grow", "train", str(ROOT / args.config), "--out", str(run),
            *[x for s in sets for x in ("--set", s)]]
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    if not (run / "metrics.jsonl").is_file():  # an --out that already holds the run is only re-reported
+        subprocess.run(cmd, cwd=ROOT, check=True)
 
     windows: dict[str, list[float]] = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         windows.setdefault(row["stage"].split()[0], []).append(row["ms_per_step"])
     ceiling = measured_matmul_tflops()
+    # The FLOPs of the head depend on the vocabulary the trained tokenizer really has (a BPE asked
+    # for 32000 tokens of the Bible stops near 21000), not the size the config asked for.
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(run / "tokenizer" / "tokenizer.json")).get_vocab_size()
+    cfg = load_config(ROOT / args.config, [*sets, f"model.vocab_size={vocab}"])
     predicted = plan(cfg, gpus=1)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     m = cfg.model
-    print(f"\n{args.config}: {m.num_blocks} blocks x hidden {m.hidden_size}, batch {cfg.train.batch_size} x "
+    print(f"\n{args.config}: {m.num_blocks} blocks x hidden {m.hidden_size}, vocab {vocab}, batch {cfg.train.batch_size} x "
           f"{cfg.data.seq_len} tokens, {cfg.train.precision}, quant {'nf4' if cfg.quant.enabled else 'off'}, "
           f"{args.steps} steps a stage (median of {args.log_every}-step windows after the first)")
     print(f"MFU against {args.peak:.0f} TFLOP/s (datasheet)"
