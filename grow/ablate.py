@@ -10,6 +10,10 @@ level's path and through the whole stack, the MDLM bound, samples per sampler (s
 throughput, and their perplexity under an n-gram model of the training split: a judge that is
 not the model being scored), wall time, tokens and peak memory, and the whole stack of both
 export merge modes.
+
+``--minutes M`` chooses the token budget instead: a calibration run times the configured growth on
+this machine, the planner scales it to each arm, and the budget that fits every arm, trained and
+measured, in about M minutes is fixed in ``OUT/ablation-budget.json`` for every later call.
 """
 
 from __future__ import annotations
