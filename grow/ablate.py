@@ -287,6 +287,9 @@ def calibrate(config: str, out: Path, sets: Sequence[str], *, samples: int, step
             log(f"ablate: calibration: reusing {where} (measured by an earlier call)")
             return found | {"reused": True}
     if where.exists():  # unfinished, or for other settings: it holds nothing but its own scratch
+        ours = {"calibration.json", "run", "tokenizer"}
+        if any(p.name not in ours and not p.name.startswith("run.export-") for p in where.iterdir()):
+            raise UserError(f"--out: {where} is not an ablation's calibration; move it away or choose another --out")
         shutil.rmtree(where)
     where.mkdir(parents=True)
     base = load_config(config, list(sets))
@@ -366,8 +369,10 @@ def settle_budget(config: str, out: Path, base, arms: Sequence[Arm], *, sets: Se
                 else stored["budget_tokens"] == (budget if budget is not None else default))
         if not same:
             flag = "--minutes" if minutes is not None else "--budget"
-            raise UserError(f"{flag}: {out} was started with {describe_budget(stored)}; run it again with "
-                            "the same --budget/--minutes (or none) to continue it, or use a new --out")
+            again = f"--budget {stored['budget_tokens']}" + (
+                f" or --minutes {stored['minutes']:g}" if stored.get("minutes") is not None else "")
+            raise UserError(f"{flag}: {out} was started with {describe_budget(stored)}; every arm gets that budget: "
+                            f"continue it with {again}, or use a new --out")
         log(f"ablate: budget {stored['budget_tokens']:,} tokens per arm ({describe_budget(stored)}, fixed in {path})")
         chosen = stored
     else:
@@ -387,12 +392,14 @@ def settle_budget(config: str, out: Path, base, arms: Sequence[Arm], *, sets: Se
                        "budget_tokens": minutes_budget(minutes, calibration, factors, step_tokens=step_tokens,
                                                        min_tokens=len(stage_specs(base)) * step_tokens, out=out)}
             log(f"ablate: {describe_budget(chosen)}")
-        write_json_atomic(path, chosen)
-    for done in sorted(out.glob("arms/*/ablation.json")):  # an arm measured before the budget file
+    for done in sorted(out.glob("arms/*/ablation.json")):  # arms measured before the budget file was
         b = json.loads(done.read_text()).get("budget_tokens")
         if b is not None and b != chosen["budget_tokens"]:
             raise UserError(f"--budget: arm {done.parent.name} of {out} was trained on {b:,} tokens, this ablation's "
-                            f"budget is {chosen['budget_tokens']:,}; every arm gets the same budget: use a new --out")
+                            f"budget is {chosen['budget_tokens']:,}; every arm gets the same budget: continue it "
+                            f"with --budget {b}, or use a new --out")
+    if not path.is_file():
+        write_json_atomic(path, chosen)
     return chosen
 
 
@@ -402,7 +409,7 @@ def describe_budget(b: dict[str, Any]) -> str:
         c = b["calibration"]
         return (f"--minutes {b['minutes']:g}: calibrated on this machine: {1000 * c['seconds_per_token']:.3f} s per "
                 f"1k tokens of growth, {c['fixed_seconds'] + c['measure_seconds']:.0f} s fixed per arm "
-                f"({c['measure_seconds']:.0f} s of it measuring) → budget {n}")
+                f"({c['measure_seconds']:.0f} s of it measuring) -> budget {n}")
     if b["how"] == "--budget":
         return f"--budget {b['budget_tokens']}"
     return f"the config's own stages ({n})"

@@ -124,6 +124,41 @@ def test_budget_and_minutes_exclude_each_other_and_minutes_are_positive(capsys):
         assert capsys.readouterr().err.strip() == f"grow: error: --minutes: expected a positive number of minutes, got {bad}"
 
 
+def test_a_budget_is_one_number_for_every_arm_and_every_call(tmp_path, corpus_file):
+    from grow.ablate import settle_budget
+
+    sets = sets_of(corpus_file, blocks=2, steps=3)
+    base = load_config("configs/tiny.yaml", sets)
+
+    def settle(out, budget=None, minutes=None):
+        return settle_budget("configs/tiny.yaml", out, base, choose_arms("grow"), sets=sets, budget=budget,
+                             minutes=minutes, samples=1, steps=2, exports=False, log=lambda s: None)
+
+    out = tmp_path / "a"
+    out.mkdir()
+    assert settle(out, budget=1024)["budget_tokens"] == 1024
+    assert json.loads((out / "ablation-budget.json").read_text())["how"] == "--budget"
+    assert settle(out, budget=1024)["budget_tokens"] == 1024  # the same budget continues
+    for budget in (2048, None):  # another one, or the config's own (6 steps of 4 x 32 tokens)
+        with pytest.raises(UserError, match=r"^--budget: .* continue it with --budget 1024, or use a new --out$"):
+            settle(out, budget=budget)
+    with pytest.raises(UserError, match=r"^--minutes: .* continue it with --budget 1024"):
+        settle(out, minutes=5)
+
+    # An ablation whose measured arms predate the budget file: their budget is checked, and
+    # --minutes cannot choose one for them (nor calibrate for them).
+    old = tmp_path / "b"
+    (old / "arms" / "grow").mkdir(parents=True)
+    (old / "arms" / "grow" / "ablation.json").write_text(json.dumps({"budget_tokens": 512}))
+    with pytest.raises(UserError, match=r"^--minutes: .* already holds arms"):
+        settle(old, minutes=5)
+    assert not (old / "calibration").exists()
+    with pytest.raises(UserError, match=r"^--budget: arm grow of .* was trained on 512 tokens"):
+        settle(old, budget=1024)
+    assert not (old / "ablation-budget.json").exists()  # refused: nothing fixed
+    assert settle(old, budget=512)["budget_tokens"] == 512
+
+
 def last_line(err: str) -> str:
     return err.strip().splitlines()[-1]
 
@@ -175,5 +210,5 @@ def test_minutes_calibrate_once_and_every_call_keeps_the_budget(tmp_path, corpus
                          (["--minutes", str(2 * minutes)], "--minutes")):
         assert main([*args, *flags]) == 2
         err = last_line(capsys.readouterr().err)
-        assert err.startswith(f"grow: error: {named}: ") and "--minutes" in err, flags
+        assert err.startswith(f"grow: error: {named}: ") and f"continue it with --budget {8 * step} or --minutes" in err
     assert (budget_file.read_text(), budget_file.stat().st_mtime_ns) == fixed
