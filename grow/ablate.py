@@ -10,6 +10,10 @@ level's path and through the whole stack, the MDLM bound, samples per sampler (s
 throughput, and their perplexity under an n-gram model of the training split: a judge that is
 not the model being scored), wall time, tokens and peak memory, and the whole stack of both
 export merge modes.
+
+``--minutes M`` chooses the token budget instead: a calibration run times the configured growth on
+this machine, the planner scales it to each arm, and the budget that fits every arm, trained and
+measured, in about M minutes is fixed in ``OUT/ablation-budget.json`` for every later call.
 """
 
 from __future__ import annotations
@@ -220,22 +224,219 @@ def measure_arm(run: Path, *, samples: int, steps: int, exports: bool, log: Log)
     return result
 
 
+# --------------------------------------------------------------------------- --minutes
+
+BUDGET_FILE = "ablation-budget.json"
+PROBE_STEPS = 3  # optimizer steps per stage of the calibration probe: enough that the first step's
+# one-time costs do not dominate its per-token time, few enough to cost seconds at the tiny shape
+
+
+def tokens_per_step(cfg) -> int:
+    return cfg.train.batch_size * cfg.data.seq_len
+
+
+def cost_factors(config: str, sets: Sequence[str], arms: Sequence[Arm], log: Log) -> dict[str, float]:
+    """Each arm's training FLOPs per token relative to the configured growth's, from the planner
+    (its stages' tokens and FLOPs per token at the config's own shares, which ``budget_sets``
+    keeps). Every curriculum and corruption of ``ARMS`` is planned; an arm whose config does not
+    load is left out (it is skipped when its turn comes), one the planner refuses costs 1."""
+    from grow.config import load_config
+    from grow.plan import plan
+
+    def per_token(cfg) -> float:
+        p = plan(cfg)
+        return p.total_flops / max(p.total_tokens, 1)
+
+    base = per_token(load_config(config, list(sets)))
+    factors: dict[str, float] = {}
+    for arm in arms:
+        try:
+            cfg = load_config(config, [*sets, *arm.sets])
+        except UserError:
+            continue
+        try:
+            factors[arm.name] = per_token(cfg) / base
+        except UserError as exc:
+            log(f"ablate: {arm.name}: not planned ({exc}); its training is costed like growth's")
+            factors[arm.name] = 1.0
+    return factors
+
+
+def calibrate(config: str, out: Path, sets: Sequence[str], *, samples: int, steps: int, exports: bool,
+              log: Log) -> dict[str, Any]:
+    """Time the configured growth on this machine: a probe of PROBE_STEPS steps per stage, grown
+    and measured exactly as an arm is (``OUT/calibration/run``), after the corpus is prepared and
+    the tokenizer trained once (``OUT/calibration/tokenizer``, which every arm then reads, so no
+    arm pays for either). A finished calibration of the same settings is reused: an ablation
+    refused for too few minutes keeps it."""
+    import shutil
+    import time
+    from dataclasses import replace
+
+    from grow.config import load_config
+    from grow.curriculum import stage_specs
+    from grow.data import load_corpus
+    from grow.store import list_stages, write_json_atomic
+
+    where = out / "calibration"
+    record = where / "calibration.json"
+    key = {"config": config, "sets": list(sets), "samples": samples, "steps": steps, "exports": exports}
+    if record.is_file():
+        found = json.loads(record.read_text())
+        if {k: found.get(k) for k in key} == key:
+            log(f"ablate: calibration: reusing {where} (measured by an earlier call)")
+            return found | {"reused": True}
+    if where.exists():  # unfinished, or for other settings: it holds nothing but its own scratch
+        ours = {"calibration.json", "run", "tokenizer"}
+        if any(p.name not in ours and not p.name.startswith("run.export-") for p in where.iterdir()):
+            raise UserError(f"--out: {where} is not an ablation's calibration; move it away or choose another --out")
+        shutil.rmtree(where)
+    where.mkdir(parents=True)
+    base = load_config(config, list(sets))
+    tok, run = where / "tokenizer", where / "run"
+    start = time.perf_counter()
+    # The corpus as the arms read it: keyed by their (given) tokenizer, so it is prepared here.
+    load_corpus(base.data, tok, base.train.seed, log=log)
+    load_corpus(replace(base.data, tokenizer=str(tok)), tok, base.train.seed, log=log)
+    data_seconds = time.perf_counter() - start
+    probe = PROBE_STEPS * len(stage_specs(base)) * tokens_per_step(base)
+    probe_sets = [*sets, *budget_sets(config, sets, probe), f"data.tokenizer={tok}"]
+    log(f"ablate: calibration: growing the configured growth on {probe:,} tokens in {run}")
+    start = time.perf_counter()
+    train_arm(run, config, probe_sets, log)
+    probe_seconds = time.perf_counter() - start
+    manifests = [s.manifest for s in list_stages(run).values()]
+    train_seconds = sum(m.get("train_seconds", 0.0) for m in manifests)
+    tokens = sum(m["tokens_seen"] for m in manifests)
+    start = time.perf_counter()
+    measure_arm(run, samples=samples, steps=steps, exports=exports, log=lambda s: None)
+    measure_seconds = time.perf_counter() - start
+    for export in where.glob("run.export-*"):  # timed; nothing reads them
+        shutil.rmtree(export)
+    found = key | {
+        "tokenizer": str(tok), "probe_tokens": tokens,
+        "seconds_per_token": train_seconds / max(tokens, 1),
+        # process start, model building, quantization, per-stage evaluation and commits
+        "fixed_seconds": probe_seconds - train_seconds,
+        "measure_seconds": measure_seconds,
+        "seconds": data_seconds + probe_seconds + measure_seconds,
+    }
+    write_json_atomic(record, found)
+    log(f"ablate: calibration: {1000 * found['seconds_per_token']:.3f} s per 1k tokens of growth, "
+        f"{found['fixed_seconds']:.1f} s fixed and {measure_seconds:.1f} s measuring per arm "
+        f"({found['seconds']:.0f} s in all)")
+    return found | {"reused": False}
+
+
+def minutes_budget(minutes: float, calibration: dict[str, Any], factors: dict[str, float], *, step_tokens: int,
+                   min_tokens: int, out: Path) -> int:
+    """The token budget per arm that fits ``minutes`` of wall time: what is left after the
+    calibration (when this call ran it) and every arm's fixed and measuring cost, shared by the
+    arms' training at growth's measured seconds per token times each arm's FLOPs factor; whole
+    steps only."""
+    spent = 0.0 if calibration["reused"] else calibration["seconds"]
+    per_arm = calibration["fixed_seconds"] + calibration["measure_seconds"]
+    fixed = spent + len(factors) * per_arm
+    if not factors:
+        raise UserError("--only: none of the chosen arms has a valid config; nothing to budget --minutes for")
+    rate = sum(factors.values()) * calibration["seconds_per_token"]  # seconds per token of budget
+    budget = int(max(minutes * 60 - fixed, 0) / rate) // step_tokens * step_tokens if rate > 0 else 0
+    if budget < min_tokens:
+        # A second call reuses the calibration just made, so it needs no time for it.
+        need = (len(factors) * per_arm + rate * min_tokens) / 60
+        raise UserError(
+            f"--minutes: {minutes:g} minutes do not cover "
+            + ("" if calibration["reused"] else f"the calibration ({calibration['seconds']:.0f} s) and ")
+            + f"{len(factors)} arm(s) at {per_arm:.0f} s each besides training, plus one training step per stage; "
+            f"at least about {math.ceil(need * 10) / 10:g} minutes are needed by a call that reuses the "
+            f"calibration kept in {out / 'calibration'}")
+    return budget
+
+
+def settle_budget(config: str, out: Path, base, arms: Sequence[Arm], *, sets: Sequence[str], budget: int | None,
+                  minutes: float | None, samples: int, steps: int, exports: bool, log: Log) -> dict[str, Any]:
+    """The ablation's token budget per arm, one number for all its arms and all its calls:
+    ``OUT/ablation-budget.json`` (written before the first arm trains) fixes it, and a later
+    call that asks for another is refused."""
+    from grow.curriculum import stage_specs
+    from grow.store import write_json_atomic
+
+    path = out / BUDGET_FILE
+    default = stage_steps(base) * tokens_per_step(base)
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        same = (stored.get("minutes") == minutes if minutes is not None
+                else stored["budget_tokens"] == (budget if budget is not None else default))
+        if not same:
+            flag = "--minutes" if minutes is not None else "--budget"
+            again = f"--budget {stored['budget_tokens']}" + (
+                f" or --minutes {stored['minutes']:g}" if stored.get("minutes") is not None else "")
+            raise UserError(f"{flag}: {out} was started with {describe_budget(stored)}; every arm gets that budget: "
+                            f"continue it with {again}, or use a new --out")
+        log(f"ablate: budget {stored['budget_tokens']:,} tokens per arm ({describe_budget(stored)}, fixed in {path})")
+        chosen = stored
+    else:
+        done = sorted(out.glob("arms/*/ablation.json"))
+        if minutes is not None and done:
+            raise UserError(f"--minutes: {out} already holds arms trained without --minutes; continue it with "
+                            "--budget (their budget), or use a new --out")
+        chosen = {"how": "--budget" if budget is not None else "config", "minutes": None,
+                  "budget_tokens": budget if budget is not None else default, "tokenizer": None,
+                  "calibration": None, "factors": None}
+        if minutes is not None:
+            calibration = calibrate(config, out, sets, samples=samples, steps=steps, exports=exports, log=log)
+            factors = cost_factors(config, sets, arms, log)
+            step_tokens = tokens_per_step(base)
+            chosen |= {"how": "--minutes", "minutes": minutes, "tokenizer": calibration["tokenizer"],
+                       "calibration": calibration, "factors": factors,
+                       "budget_tokens": minutes_budget(minutes, calibration, factors, step_tokens=step_tokens,
+                                                       min_tokens=len(stage_specs(base)) * step_tokens, out=out)}
+            log(f"ablate: {describe_budget(chosen)}")
+    for done in sorted(out.glob("arms/*/ablation.json")):  # arms measured before the budget file was
+        b = json.loads(done.read_text()).get("budget_tokens")
+        if b is not None and b != chosen["budget_tokens"]:
+            raise UserError(f"--budget: arm {done.parent.name} of {out} was trained on {b:,} tokens, this ablation's "
+                            f"budget is {chosen['budget_tokens']:,}; every arm gets the same budget: continue it "
+                            f"with --budget {b}, or use a new --out")
+    if not path.is_file():
+        write_json_atomic(path, chosen)
+    return chosen
+
+
+def describe_budget(b: dict[str, Any]) -> str:
+    n = f"{b['budget_tokens']:,} tokens"
+    if b["how"] == "--minutes":
+        c = b["calibration"]
+        return (f"--minutes {b['minutes']:g}: calibrated on this machine: {1000 * c['seconds_per_token']:.3f} s per "
+                f"1k tokens of growth, {c['fixed_seconds'] + c['measure_seconds']:.0f} s fixed per arm "
+                f"({c['measure_seconds']:.0f} s of it measuring) -> budget {n}")
+    if b["how"] == "--budget":
+        return f"--budget {b['budget_tokens']}"
+    return f"the config's own stages ({n})"
+
+
 # --------------------------------------------------------------------------- the whole ablation
 
 
 def run_ablation(config: str, out: Path, *, sets: Sequence[str] = (), budget: int | None = None,
-                 only: str | None = None, samples: int = 4, steps: int = 32, exports: bool = True,
-                 log: Log = print) -> dict[str, Any]:
+                 minutes: float | None = None, only: str | None = None, samples: int = 4, steps: int = 32,
+                 exports: bool = True, log: Log = print) -> dict[str, Any]:
+    """``budget`` tokens per arm, or a budget that fits the whole ablation in ``minutes`` of
+    wall time (``settle_budget``), or (neither) what the configured growth spends."""
+    import time
+
     from grow.config import load_config
 
     base = load_config(config, list(sets))  # the user's config must be valid on its own
-    if budget is None:  # every arm gets what the configured growth spends
-        budget = stage_steps(base) * base.train.batch_size * base.data.seq_len
     arms = choose_arms(only)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = settle_budget(config, out, base, arms, sets=sets, budget=budget, minutes=minutes, samples=samples,
+                           steps=steps, exports=exports, log=log)
+    budget = chosen["budget_tokens"]
     (out / "arms").mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     skipped: dict[str, str] = {}
-    tokenizer = None
+    tokenizer = chosen["tokenizer"]  # the calibration's, when there was one
     for i, arm in enumerate(arms, 1):
         run = out / "arms" / arm.name
         done = run / "ablation.json"
@@ -255,21 +456,27 @@ def run_ablation(config: str, out: Path, *, sets: Sequence[str] = (), budget: in
         if tokenizer is not None:  # every arm reads the same tokens with the first arm's tokenizer
             arm_sets.append(f"data.tokenizer={tokenizer}")
         log(f"ablate: [{i}/{len(arms)}] {arm.name}: {arm.what}")
+        start = time.perf_counter()
         try:
             train_arm(run, config, arm_sets, log)
         except UserError as exc:  # one arm that cannot train does not cost the others
             skipped[arm.name] = str(exc)
             log(f"ablate: {arm.name}: {exc}")
             continue
-        result = {"arm": arm.name, "what": arm.what, "sets": list(arm.sets),
+        result = {"arm": arm.name, "what": arm.what, "sets": list(arm.sets), "budget_tokens": budget,
                   **measure_arm(run, samples=samples, steps=steps, exports=exports, log=log)}
+        # training (since its resume, for an arm a killed ablation left unfinished) and measuring
+        result["wall_seconds"] = time.perf_counter() - start
         tmp = done.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(done)  # an arm counts as measured only once this file exists
         results[arm.name] = result
         tokenizer = tokenizer or run / "tokenizer"
-    summary = {"config": config, "sets": list(sets), "budget_tokens": budget,
-               "schedule": base.ratios(), "arms": results, "skipped": skipped}
+    calibration = chosen["calibration"] or {}
+    summary = {"config": config, "sets": list(sets), "budget_tokens": budget, "budget": chosen,
+               "schedule": base.ratios(), "arms": results, "skipped": skipped,
+               # what the ablation cost on this machine: its calibration and every arm, measuring included
+               "wall_seconds": calibration.get("seconds", 0.0) + sum(r.get("wall_seconds", 0.0) for r in results.values())}
     (out / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "ablation.md").write_text(render_markdown(summary))
     if results:
@@ -299,22 +506,30 @@ def render_markdown(summary: dict[str, Any]) -> str:
     ratios = summary["schedule"]
     lines = [f"# Ablation of `{summary['config']}`", ""]
     lines += [f"Budget: {summary['budget_tokens']:,} training tokens per arm (steps x batch x sequence length "
-              "over all its stages; rounding to whole steps moves it slightly).", ""]
+              "over all its stages; rounding to whole steps moves it slightly)"
+              + (f", chosen by {describe_budget(summary['budget'])}" if summary.get("budget") else "") + ".", ""]
+    if summary.get("wall_seconds"):
+        c = (summary.get("budget") or {}).get("calibration")
+        lines += [f"Wall time spent: {summary['wall_seconds']:,.0f} s"
+                  + (f" (calibration {c['seconds']:.0f} s, arms {summary['wall_seconds'] - c['seconds']:,.0f} s)" if c else "")
+                  + "; an arm's wall s is its training and measuring by the call that finished it.", ""]
     lines += ["Held-out masked CE (nats/token) averaged over the schedule's levels, through the whole stack "
               "(what an export and the iterative / semi-AR samplers run) and through each level's own path "
               "(what the depth sampler runs); the MDLM bound of the whole stack; samples' perplexity under a "
               "bigram model of the training split (lower = more corpus-like), distinct bigrams and 4-gram "
               "repetition of iterative samples.", "",
-              "| arm | what | tokens | train s | peak | whole CE | path CE | bits/token | sample n-gram ppl | "
+              "| arm | what | tokens | train s | wall s | peak | whole CE | path CE | bits/token | sample n-gram ppl | "
               "distinct-2 | repetition | depth tok/s | iterative tok/s | semi-ar tok/s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in arms.items():
         p = path(r)
         it = r["samples"].get("iterative", {})
         tps = [f"{r['samples'][m]['tokens_per_s']:.0f}" if m in r["samples"] else "-"
                for m in ("depth", "iterative", "semi-ar")]
+        wall = f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "-"  # not recorded before --minutes
         lines.append(
-            f"| {name} | {r['what']} | {r['tokens']:,} | {r['train_seconds']:.0f} | {r['peak_bytes'] / 2**20:.0f} MiB | "
+            f"| {name} | {r['what']} | {r['tokens']:,} | {r['train_seconds']:.0f} | "
+            f"{wall} | {r['peak_bytes'] / 2**20:.0f} MiB | "
             f"{_mean(whole(r)):.4f} | {f'{_mean(p):.4f}' if p else '-'} | {r['elbo']['bits_per_token']:.3f} | "
             f"{it.get('ngram_ppl', float('nan')):.1f} | {it.get('distinct_2', float('nan')):.3f} | "
             f"{it.get('repetition', float('nan')):.3f} | {' | '.join(tps)} |")

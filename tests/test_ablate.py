@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,118 @@ def test_an_arm_without_a_stock_export_is_measured_and_says_why(tmp_path, corpus
     result = measure_arm(run, samples=0, steps=2, exports=True, log=lambda s: None)
     assert result["exports"] == {} and "gaussian" in result["export_refused"]
     assert len(result["levels"]) == 2
+
+
+def test_minutes_share_what_is_left_after_fixed_costs_by_each_arms_cost():
+    from grow.ablate import minutes_budget
+
+    calibration = {"reused": False, "seconds": 60.0, "fixed_seconds": 20.0, "measure_seconds": 10.0,
+                   "seconds_per_token": 1e-3}
+    factors = {"grow": 1.0, "joint": 2.0}
+    kw = dict(step_tokens=128, min_tokens=2 * 128, out=Path("/tmp/x"))
+    # 600 s - 60 s of calibration - 2 x 30 s per arm = 480 s for 3 x 1e-3 s per token: 160,000 tokens
+    assert minutes_budget(10, calibration, factors, **kw) == 160_000 // 128 * 128
+    # a calibration an earlier call made costs this one nothing
+    assert minutes_budget(10, calibration | {"reused": True}, factors, **kw) == 180_000 // 128 * 128
+    with pytest.raises(UserError, match=r"^--minutes: 2 minutes do not cover .* at least about 1.1 minutes") as exc:
+        minutes_budget(2, calibration, factors, **kw)  # 60 s of arms + 3 x 1e-3 x 256 s of training
+    assert "\n" not in str(exc.value)
+
+
+def test_budget_and_minutes_exclude_each_other_and_minutes_are_positive(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["ablate", "configs/tiny.yaml", "--out", "/tmp/never", "--budget", "1000", "--minutes", "5"])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    for bad in ("0", "-1", "nan"):
+        assert main(["ablate", "configs/tiny.yaml", "--out", "/tmp/never", "--minutes", bad]) == 2
+        assert capsys.readouterr().err.strip() == f"grow: error: --minutes: expected a positive number of minutes, got {bad}"
+
+
+def test_a_budget_is_one_number_for_every_arm_and_every_call(tmp_path, corpus_file):
+    from grow.ablate import settle_budget
+
+    sets = sets_of(corpus_file, blocks=2, steps=3)
+    base = load_config("configs/tiny.yaml", sets)
+
+    def settle(out, budget=None, minutes=None):
+        return settle_budget("configs/tiny.yaml", out, base, choose_arms("grow"), sets=sets, budget=budget,
+                             minutes=minutes, samples=1, steps=2, exports=False, log=lambda s: None)
+
+    out = tmp_path / "a"
+    out.mkdir()
+    assert settle(out, budget=1024)["budget_tokens"] == 1024
+    assert json.loads((out / "ablation-budget.json").read_text())["how"] == "--budget"
+    assert settle(out, budget=1024)["budget_tokens"] == 1024  # the same budget continues
+    for budget in (2048, None):  # another one, or the config's own (6 steps of 4 x 32 tokens)
+        with pytest.raises(UserError, match=r"^--budget: .* continue it with --budget 1024, or use a new --out$"):
+            settle(out, budget=budget)
+    with pytest.raises(UserError, match=r"^--minutes: .* continue it with --budget 1024"):
+        settle(out, minutes=5)
+
+    # An ablation whose measured arms predate the budget file: their budget is checked, and
+    # --minutes cannot choose one for them (nor calibrate for them).
+    old = tmp_path / "b"
+    (old / "arms" / "grow").mkdir(parents=True)
+    (old / "arms" / "grow" / "ablation.json").write_text(json.dumps({"budget_tokens": 512}))
+    with pytest.raises(UserError, match=r"^--minutes: .* already holds arms"):
+        settle(old, minutes=5)
+    assert not (old / "calibration").exists()
+    with pytest.raises(UserError, match=r"^--budget: arm grow of .* was trained on 512 tokens"):
+        settle(old, budget=1024)
+    assert not (old / "ablation-budget.json").exists()  # refused: nothing fixed
+    assert settle(old, budget=512)["budget_tokens"] == 512
+
+
+def last_line(err: str) -> str:
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_minutes_calibrate_once_and_every_call_keeps_the_budget(tmp_path, corpus_file, capsys):
+    out = tmp_path / "ablation"
+    args = ["ablate", "configs/tiny.yaml", "--out", str(out), *tiny_overrides(corpus_file, blocks=2, steps=3),
+            "--only", "grow", "--no-export", "--samples", "1", "--steps", "2"]
+    # Too few minutes: refused in one line before any arm trains; the calibration is kept.
+    assert main([*args, "--minutes", "0.001"]) == 2
+    err = last_line(capsys.readouterr().err)
+    assert err.startswith("grow: error: --minutes: 0.001 minutes do not cover") and "at least about" in err
+    record = out / "calibration" / "calibration.json"
+    calibration = json.loads(record.read_text())
+    assert calibration["probe_tokens"] > 0 and calibration["seconds_per_token"] > 0
+    assert not (out / "ablation-budget.json").exists() and not (out / "arms").exists()
+
+    # Minutes for 8.5 steps of 4 x 32 tokens past one arm's fixed costs (the kept calibration costs
+    # this call nothing): 8 whole steps, 4 per stage.
+    step = 4 * 32
+    per_arm = calibration["fixed_seconds"] + calibration["measure_seconds"]
+    minutes = (per_arm + calibration["seconds_per_token"] * 8.5 * step) / 60
+    calibrated = record.stat().st_mtime_ns
+    assert main([*args, "--minutes", str(minutes)]) == 0
+    err = capsys.readouterr().err
+    assert "calibration: reusing" in err and "calibration: growing" not in err
+    assert record.stat().st_mtime_ns == calibrated
+    budget_file = out / "ablation-budget.json"
+    chosen = json.loads(budget_file.read_text())
+    assert chosen["how"] == "--minutes" and chosen["budget_tokens"] == 8 * step and chosen["factors"] == {"grow": 1.0}
+    summary = json.loads((out / "ablation.json").read_text())
+    arm = summary["arms"]["grow"]
+    assert summary["budget_tokens"] == arm["budget_tokens"] == arm["tokens"] == 8 * step
+    assert arm["wall_seconds"] >= arm["train_seconds"] > 0
+    md = (out / "ablation.md").read_text()
+    assert f"--minutes {float(minutes):g}: calibrated on this machine" in md and "| wall s |" in md
+
+    # The same command again: the arm is done, the budget is the file's, nothing recalibrated.
+    fixed = budget_file.read_text(), budget_file.stat().st_mtime_ns
+    assert main([*args, "--minutes", str(minutes)]) == 0
+    err = capsys.readouterr().err
+    assert "grow: done earlier" in err and "calibration:" not in err
+    assert (budget_file.read_text(), budget_file.stat().st_mtime_ns) == fixed
+    assert json.loads((out / "ablation.json").read_text())["budget_tokens"] == 8 * step
+
+    # Another budget, by --budget, by other minutes or by the config's default, is refused.
+    for flags, named in ((["--budget", str(16 * step)], "--budget"), ([], "--budget"),
+                         (["--minutes", str(2 * minutes)], "--minutes")):
+        assert main([*args, *flags]) == 2
+        err = last_line(capsys.readouterr().err)
+        assert err.startswith(f"grow: error: {named}: ") and f"continue it with --budget {8 * step} or --minutes" in err
+    assert (budget_file.read_text(), budget_file.stat().st_mtime_ns) == fixed

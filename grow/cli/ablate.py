@@ -23,8 +23,12 @@ def add_ablate_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="ablation directory (continued when it exists)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field for "
                    "every arm (repeatable)")
-    p.add_argument("--budget", type=int, metavar="TOKENS", help="training tokens per arm, spread over its stages "
-                   "in the config's proportions (default: what the config's own stages spend)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--budget", type=int, metavar="TOKENS", help="training tokens per arm, spread over its "
+                      "stages in the config's proportions (default: what the config's own stages spend)")
+    size.add_argument("--minutes", type=float, metavar="M", help="choose the budget so that the whole ablation "
+                      "(every arm trained and measured) takes about M minutes on this machine, timed by a short "
+                      "calibration run in OUT/calibration; every arm still gets the same budget")
     p.add_argument("--only", metavar="ARM,ARM", help="run only these arms")
     p.add_argument("--samples", type=int, default=4, metavar="N", help="samples per sampler and arm (default 4)")
     p.add_argument("--steps", type=int, default=32, metavar="S", help="iterative/semi-ar steps (default 32)")
@@ -38,12 +42,14 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         raise UserError(f"--budget: expected a positive number of tokens, got {args.budget}")
     if args.samples < 0 or args.steps < 1:
         raise UserError("--samples must be >= 0 and --steps >= 1")
+    if args.minutes is not None and not 0 < args.minutes < float("inf"):
+        raise UserError(f"--minutes: expected a positive number of minutes, got {args.minutes:g}")
 
     def log(line: str) -> None:
         print(line, file=sys.stderr)
 
     out = Path(args.out)
-    run_ablation(args.config, out, sets=args.set or [], budget=args.budget, only=args.only, samples=args.samples,
-                 steps=args.steps, exports=not args.no_export, log=log)
+    run_ablation(args.config, out, sets=args.set or [], budget=args.budget, minutes=args.minutes, only=args.only,
+                 samples=args.samples, steps=args.steps, exports=not args.no_export, log=log)
     print((out / "ablation.md").read_text())
     log(f"ablate: wrote {out / 'ablation.md'}, {out / 'ablation.json'} and {out / 'ablation.png'}")
