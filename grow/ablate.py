@@ -157,9 +157,12 @@ class Ngram:
 # --------------------------------------------------------------------------- one arm
 
 
-def train_arm(run: Path, config: str, sets: Sequence[str], log: Log) -> None:
+def train_arm(run: Path, config: str, sets: Sequence[str], log: Log, *, threads: int | None = None,
+              quiet: bool = False) -> None:
     """Grow (or continue) the arm's run with ``grow train`` itself, in its own process: each
-    arm's peak memory is then its own (on CPU the manifests record the process's peak RSS)."""
+    arm's peak memory is then its own (on CPU the manifests record the process's peak RSS).
+    ``threads`` caps its CPU threads; ``quiet`` keeps its progress off the terminal (arms that
+    run side by side would interleave it; the run's train.log has every line)."""
     import subprocess
     import sys
 
@@ -169,7 +172,9 @@ def train_arm(run: Path, config: str, sets: Sequence[str], log: Log) -> None:
     if (run / "grow.yaml").is_file():
         argv.append("--resume")  # a killed ablation left this arm unfinished
         log(f"ablate: {run.name}: resuming")
-    code = subprocess.call(argv)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    sink = subprocess.DEVNULL if quiet else None
+    code = subprocess.call(argv, env=env, stdout=sink, stderr=sink)
     if code:
         raise UserError(f"--out: arm {run.name} stopped (grow train exited {code}); see {run / 'train.log'}")
 
@@ -263,12 +268,13 @@ def cost_factors(config: str, sets: Sequence[str], arms: Sequence[Arm], log: Log
 
 
 def calibrate(config: str, out: Path, sets: Sequence[str], *, samples: int, steps: int, exports: bool,
-              log: Log) -> dict[str, Any]:
+              jobs: int = 1, log: Log) -> dict[str, Any]:
     """Time the configured growth on this machine: a probe of PROBE_STEPS steps per stage, grown
     and measured exactly as an arm is (``OUT/calibration/run``), after the corpus is prepared and
     the tokenizer trained once (``OUT/calibration/tokenizer``, which every arm then reads, so no
     arm pays for either). A finished calibration of the same settings is reused: an ablation
-    refused for too few minutes keeps it."""
+    refused for too few minutes keeps it. With ``jobs`` > 1 the probe trains and is measured on
+    the threads one job gets, as its arms will be."""
     import shutil
     import time
     from dataclasses import replace
@@ -280,7 +286,8 @@ def calibrate(config: str, out: Path, sets: Sequence[str], *, samples: int, step
 
     where = out / "calibration"
     record = where / "calibration.json"
-    key = {"config": config, "sets": list(sets), "samples": samples, "steps": steps, "exports": exports}
+    key = {"config": config, "sets": list(sets), "samples": samples, "steps": steps, "exports": exports,
+           "jobs": jobs}
     if record.is_file():
         found = json.loads(record.read_text())
         if {k: found.get(k) for k in key} == key:
@@ -303,13 +310,21 @@ def calibrate(config: str, out: Path, sets: Sequence[str], *, samples: int, step
     probe_sets = [*sets, *budget_sets(config, sets, probe), f"data.tokenizer={tok}"]
     log(f"ablate: calibration: growing the configured growth on {probe:,} tokens in {run}")
     start = time.perf_counter()
-    train_arm(run, config, probe_sets, log)
+    threads = threads_per_job(jobs) if jobs > 1 else None
+    train_arm(run, config, probe_sets, log, threads=threads)
     probe_seconds = time.perf_counter() - start
     manifests = [s.manifest for s in list_stages(run).values()]
     train_seconds = sum(m.get("train_seconds", 0.0) for m in manifests)
     tokens = sum(m["tokens_seen"] for m in manifests)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
     start = time.perf_counter()
-    measure_arm(run, samples=samples, steps=steps, exports=exports, log=lambda s: None)
+    try:
+        measure_arm(run, samples=samples, steps=steps, exports=exports, log=lambda s: None)
+    finally:
+        torch.set_num_threads(before)
     measure_seconds = time.perf_counter() - start
     for export in where.glob("run.export-*"):  # timed; nothing reads them
         shutil.rmtree(export)
@@ -329,32 +344,35 @@ def calibrate(config: str, out: Path, sets: Sequence[str], *, samples: int, step
 
 
 def minutes_budget(minutes: float, calibration: dict[str, Any], factors: dict[str, float], *, step_tokens: int,
-                   min_tokens: int, out: Path) -> int:
+                   min_tokens: int, out: Path, jobs: int = 1) -> int:
     """The token budget per arm that fits ``minutes`` of wall time: what is left after the
     calibration (when this call ran it) and every arm's fixed and measuring cost, shared by the
     arms' training at growth's measured seconds per token times each arm's FLOPs factor; whole
-    steps only."""
+    steps only. ``jobs`` arms at a time share the work out; the fixed costs are counted per round
+    of ``jobs`` arms, since the last round may run fewer."""
     spent = 0.0 if calibration["reused"] else calibration["seconds"]
     per_arm = calibration["fixed_seconds"] + calibration["measure_seconds"]
-    fixed = spent + len(factors) * per_arm
+    fixed = spent + math.ceil(len(factors) / jobs) * per_arm
     if not factors:
         raise UserError("--only: none of the chosen arms has a valid config; nothing to budget --minutes for")
-    rate = sum(factors.values()) * calibration["seconds_per_token"]  # seconds per token of budget
+    rate = sum(factors.values()) * calibration["seconds_per_token"] / jobs  # seconds per token of budget
     budget = int(max(minutes * 60 - fixed, 0) / rate) // step_tokens * step_tokens if rate > 0 else 0
     if budget < min_tokens:
         # A second call reuses the calibration just made, so it needs no time for it.
-        need = (len(factors) * per_arm + rate * min_tokens) / 60
+        need = (math.ceil(len(factors) / jobs) * per_arm + rate * min_tokens) / 60
         raise UserError(
             f"--minutes: {minutes:g} minutes do not cover "
             + ("" if calibration["reused"] else f"the calibration ({calibration['seconds']:.0f} s) and ")
-            + f"{len(factors)} arm(s) at {per_arm:.0f} s each besides training, plus one training step per stage; "
+            + f"{len(factors)} arm(s) ({jobs} at a time) at {per_arm:.0f} s each besides training, plus one "
+            "training step per stage; "
             f"at least about {math.ceil(need * 10) / 10:g} minutes are needed by a call that reuses the "
             f"calibration kept in {out / 'calibration'}")
     return budget
 
 
 def settle_budget(config: str, out: Path, base, arms: Sequence[Arm], *, sets: Sequence[str], budget: int | None,
-                  minutes: float | None, samples: int, steps: int, exports: bool, log: Log) -> dict[str, Any]:
+                  minutes: float | None, samples: int, steps: int, exports: bool, log: Log,
+                  jobs: int = 1) -> dict[str, Any]:
     """The ablation's token budget per arm, one number for all its arms and all its calls:
     ``OUT/ablation-budget.json`` (written before the first arm trains) fixes it, and a later
     call that asks for another is refused."""
@@ -384,13 +402,15 @@ def settle_budget(config: str, out: Path, base, arms: Sequence[Arm], *, sets: Se
                   "budget_tokens": budget if budget is not None else default, "tokenizer": None,
                   "calibration": None, "factors": None}
         if minutes is not None:
-            calibration = calibrate(config, out, sets, samples=samples, steps=steps, exports=exports, log=log)
+            calibration = calibrate(config, out, sets, samples=samples, steps=steps, exports=exports, jobs=jobs,
+                                    log=log)
             factors = cost_factors(config, sets, arms, log)
             step_tokens = tokens_per_step(base)
             chosen |= {"how": "--minutes", "minutes": minutes, "tokenizer": calibration["tokenizer"],
                        "calibration": calibration, "factors": factors,
                        "budget_tokens": minutes_budget(minutes, calibration, factors, step_tokens=step_tokens,
-                                                       min_tokens=len(stage_specs(base)) * step_tokens, out=out)}
+                                                       min_tokens=len(stage_specs(base)) * step_tokens, out=out,
+                                                       jobs=jobs)}
             log(f"ablate: {describe_budget(chosen)}")
     for done in sorted(out.glob("arms/*/ablation.json")):  # arms measured before the budget file was
         b = json.loads(done.read_text()).get("budget_tokens")
@@ -409,7 +429,8 @@ def describe_budget(b: dict[str, Any]) -> str:
         c = b["calibration"]
         return (f"--minutes {b['minutes']:g}: calibrated on this machine: {1000 * c['seconds_per_token']:.3f} s per "
                 f"1k tokens of growth, {c['fixed_seconds'] + c['measure_seconds']:.0f} s fixed per arm "
-                f"({c['measure_seconds']:.0f} s of it measuring) -> budget {n}")
+                f"({c['measure_seconds']:.0f} s of it measuring)"
+                + (f", {c['jobs']} arms at a time" if c.get("jobs", 1) > 1 else "") + f" -> budget {n}")
     if b["how"] == "--budget":
         return f"--budget {b['budget_tokens']}"
     return f"the config's own stages ({n})"
@@ -418,24 +439,71 @@ def describe_budget(b: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- the whole ablation
 
 
+def threads_per_job(jobs: int) -> int:
+    """CPU threads for each of ``jobs`` arms that run side by side: the cores shared out."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // jobs)
+
+
+def run_arm(arm: Arm, run: Path, config: str, arm_sets: Sequence[str], *, budget: int, samples: int, steps: int,
+            exports: bool, log: Log, threads: int | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Train and measure one arm, then write its ``ablation.json``: the mark that it is done."""
+    import time
+
+    start = time.perf_counter()
+    train_arm(run, config, arm_sets, log, threads=threads, quiet=quiet)
+    result = {"arm": arm.name, "what": arm.what, "sets": list(arm.sets), "budget_tokens": budget,
+              **measure_arm(run, samples=samples, steps=steps, exports=exports, log=log)}
+    # training (since its resume, for an arm a killed ablation left unfinished) and measuring
+    result["wall_seconds"] = time.perf_counter() - start
+    done = run / "ablation.json"
+    tmp = done.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(done)  # an arm counts as measured only once this file exists
+    return result
+
+
+def _worker_start(threads: int) -> None:
+    """A job's process: its measuring and its training subprocess each get ``threads`` threads."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+def _worker_arm(*args, **kwargs) -> dict[str, Any]:
+    import sys
+
+    name = args[0].name
+    return run_arm(*args, **kwargs, log=lambda line: print(f"[{name}] {line}", file=sys.stderr, flush=True))
+
+
 def run_ablation(config: str, out: Path, *, sets: Sequence[str] = (), budget: int | None = None,
                  minutes: float | None = None, only: str | None = None, samples: int = 4, steps: int = 32,
-                 exports: bool = True, log: Log = print) -> dict[str, Any]:
+                 exports: bool = True, jobs: int = 1, log: Log = print) -> dict[str, Any]:
     """``budget`` tokens per arm, or a budget that fits the whole ablation in ``minutes`` of
-    wall time (``settle_budget``), or (neither) what the configured growth spends."""
+    wall time (``settle_budget``), or (neither) what the configured growth spends.
+
+    ``jobs`` arms run side by side, each in its own process with the cores shared out
+    (``threads_per_job``): on a small CPU machine the arms' fixed costs (process start, model
+    building, evaluation, sampling) use one core badly, so two arms at a time finish sooner
+    than one at a time with two threads."""
     import time
 
     from grow.config import load_config
 
+    started = time.perf_counter()
     base = load_config(config, list(sets))  # the user's config must be valid on its own
     arms = choose_arms(only)
     out.mkdir(parents=True, exist_ok=True)
+    threads = threads_per_job(jobs) if jobs > 1 else None
     chosen = settle_budget(config, out, base, arms, sets=sets, budget=budget, minutes=minutes, samples=samples,
-                           steps=steps, exports=exports, log=log)
+                           steps=steps, exports=exports, jobs=jobs, log=log)
     budget = chosen["budget_tokens"]
     (out / "arms").mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     skipped: dict[str, str] = {}
+    todo: list[tuple[Arm, Path, list[str]]] = []
     tokenizer = chosen["tokenizer"]  # the calibration's, when there was one
     for i, arm in enumerate(arms, 1):
         run = out / "arms" / arm.name
@@ -453,30 +521,55 @@ def run_ablation(config: str, out: Path, *, sets: Sequence[str] = (), budget: in
             skipped[arm.name] = str(exc)
             log(f"ablate: [{i}/{len(arms)}] {arm.name}: skipped ({exc})")
             continue
-        if tokenizer is not None:  # every arm reads the same tokens with the first arm's tokenizer
-            arm_sets.append(f"data.tokenizer={tokenizer}")
-        log(f"ablate: [{i}/{len(arms)}] {arm.name}: {arm.what}")
-        start = time.perf_counter()
+        todo.append((arm, run, arm_sets))
+    kw = dict(budget=budget, samples=samples, steps=steps, exports=exports)
+    if todo and tokenizer is None:
+        # Every arm reads the same tokens with one tokenizer: the first arm's, trained before the
+        # others start (arms side by side would each train their own).
+        arm, run, arm_sets = todo.pop(0)
+        log(f"ablate: {arm.name}: {arm.what}")
         try:
-            train_arm(run, config, arm_sets, log)
+            results[arm.name] = run_arm(arm, run, config, arm_sets, **kw, log=log)
         except UserError as exc:  # one arm that cannot train does not cost the others
             skipped[arm.name] = str(exc)
             log(f"ablate: {arm.name}: {exc}")
-            continue
-        result = {"arm": arm.name, "what": arm.what, "sets": list(arm.sets), "budget_tokens": budget,
-                  **measure_arm(run, samples=samples, steps=steps, exports=exports, log=log)}
-        # training (since its resume, for an arm a killed ablation left unfinished) and measuring
-        result["wall_seconds"] = time.perf_counter() - start
-        tmp = done.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(done)  # an arm counts as measured only once this file exists
-        results[arm.name] = result
-        tokenizer = tokenizer or run / "tokenizer"
+        tokenizer = run / "tokenizer" if (run / "tokenizer").is_dir() else None
+    todo = [(a, r, [*s, f"data.tokenizer={tokenizer}"] if tokenizer else s) for a, r, s in todo]
+    if jobs <= 1:
+        for arm, run, arm_sets in todo:
+            log(f"ablate: {arm.name}: {arm.what}")
+            try:
+                results[arm.name] = run_arm(arm, run, config, arm_sets, **kw, log=log)
+            except UserError as exc:
+                skipped[arm.name] = str(exc)
+                log(f"ablate: {arm.name}: {exc}")
+    elif todo:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        log(f"ablate: {len(todo)} arm(s), {jobs} at a time with {threads} thread(s) each; "
+            "each arm's training log is its run's train.log")
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch state forked
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start, initargs=(threads,)) as pool:
+            futures = {pool.submit(_worker_arm, arm, run, config, arm_sets, **kw, threads=threads, quiet=True): arm
+                       for arm, run, arm_sets in todo}
+            for future in as_completed(futures):
+                arm = futures[future]
+                try:
+                    results[arm.name] = future.result()
+                    log(f"ablate: {arm.name}: done in {results[arm.name]['wall_seconds']:.0f} s")
+                except UserError as exc:
+                    skipped[arm.name] = str(exc)
+                    log(f"ablate: {arm.name}: {exc}")
+    order = [a.name for a in arms]
+    results = {n: results[n] for n in order if n in results}
     calibration = chosen["calibration"] or {}
     summary = {"config": config, "sets": list(sets), "budget_tokens": budget, "budget": chosen,
-               "schedule": base.ratios(), "arms": results, "skipped": skipped,
-               # what the ablation cost on this machine: its calibration and every arm, measuring included
-               "wall_seconds": calibration.get("seconds", 0.0) + sum(r.get("wall_seconds", 0.0) for r in results.values())}
+               "schedule": base.ratios(), "arms": results, "skipped": skipped, "jobs": jobs,
+               "threads_per_job": threads,
+               # what this call took, its calibration included; arms done by earlier calls are not in it
+               "wall_seconds": time.perf_counter() - started,
+               "arm_seconds": sum(r.get("wall_seconds", 0.0) for r in results.values())}
     (out / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "ablation.md").write_text(render_markdown(summary))
     if results:
@@ -510,9 +603,12 @@ def render_markdown(summary: dict[str, Any]) -> str:
               + (f", chosen by {describe_budget(summary['budget'])}" if summary.get("budget") else "") + ".", ""]
     if summary.get("wall_seconds"):
         c = (summary.get("budget") or {}).get("calibration")
-        lines += [f"Wall time spent: {summary['wall_seconds']:,.0f} s"
-                  + (f" (calibration {c['seconds']:.0f} s, arms {summary['wall_seconds'] - c['seconds']:,.0f} s)" if c else "")
-                  + "; an arm's wall s is its training and measuring by the call that finished it.", ""]
+        jobs = summary.get("jobs", 1)
+        lines += [f"Wall time of the call that wrote this: {summary['wall_seconds']:,.0f} s"
+                  + (f"; the calibration took {c['seconds']:.0f} s" if c else "")
+                  + (f"; arms ran {jobs} at a time, {summary['threads_per_job']} thread(s) each"
+                     if jobs > 1 else "")
+                  + ". An arm's wall s is its training and measuring by the call that finished it.", ""]
     lines += ["Held-out masked CE (nats/token) averaged over the schedule's levels, through the whole stack "
               "(what an export and the iterative / semi-AR samplers run) and through each level's own path "
               "(what the depth sampler runs); the MDLM bound of the whole stack; samples' perplexity under a "

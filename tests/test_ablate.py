@@ -88,6 +88,29 @@ def test_two_arms_end_to_end_and_a_killed_ablation_continues(tmp_path, corpus_fi
     assert (out / "ablation.png").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_arms_side_by_side_share_one_tokenizer_and_report_in_arm_order(tmp_path, corpus_file, capsys):
+    out = tmp_path / "ablation"
+    args = ["ablate", "configs/tiny.yaml", "--out", str(out), *tiny_overrides(corpus_file, blocks=2, steps=3),
+            "--samples", "1", "--steps", "2", "--no-export", "--only", "no-gamma,grow,no-anchor", "--jobs", "2"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "2 arm(s), 2 at a time with 1 thread(s) each" in err
+    summary = json.loads((out / "ablation.json").read_text())
+    assert list(summary["arms"]) == ["grow", "no-gamma", "no-anchor"]  # ARMS order, not finishing order
+    assert summary["jobs"] == 2 and summary["threads_per_job"] == max(1, len(os.sched_getaffinity(0)) // 2)
+    first = out / "arms" / "grow" / "tokenizer"  # the first arm trains alone; the others read its tokenizer
+    for arm in ("no-gamma", "no-anchor"):
+        cfg = load_config(out / "arms" / arm / "grow.yaml")
+        assert cfg.data.tokenizer == str(first)
+        assert summary["arms"][arm]["tokens"] == summary["budget_tokens"]
+        assert (out / "arms" / arm / "train.log").stat().st_size > 0  # its progress went there, not to the terminal
+        assert main(["status", str(out / "arms" / arm), "--verify"]) == 0
+    assert "arms ran 2 at a time" in (out / "ablation.md").read_text()
+    assert main([*args[:-2], "--jobs", "0"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--jobs: expected 1 to 64 arms at a time, got 0")
+
+
 def test_an_arm_without_a_stock_export_is_measured_and_says_why(tmp_path, corpus_file):
     from grow.ablate import measure_arm
 
@@ -113,6 +136,12 @@ def test_minutes_share_what_is_left_after_fixed_costs_by_each_arms_cost():
     with pytest.raises(UserError, match=r"^--minutes: 2 minutes do not cover .* at least about 1.1 minutes") as exc:
         minutes_budget(2, calibration, factors, **kw)  # 60 s of arms + 3 x 1e-3 x 256 s of training
     assert "\n" not in str(exc.value)
+    # Two arms at a time: one round of fixed costs (30 s), training shared by two:
+    # 600 - 60 - 30 = 510 s for 3 x 1e-3 / 2 s per token = 340,000 tokens.
+    assert minutes_budget(10, calibration, factors, **kw, jobs=2) == 340_000 // 128 * 128
+    # Three arms two at a time: the last round runs alone, so two rounds of fixed costs.
+    three = factors | {"no-gamma": 1.0}
+    assert minutes_budget(10, calibration, three, **kw, jobs=2) == int(480 / (4e-3 / 2)) // 128 * 128
 
 
 def test_budget_and_minutes_exclude_each_other_and_minutes_are_positive(capsys):

@@ -30,6 +30,9 @@ def add_ablate_parser(sub) -> None:
                       "(every arm trained and measured) takes about M minutes on this machine, timed by a short "
                       "calibration run in OUT/calibration; every arm still gets the same budget")
     p.add_argument("--only", metavar="ARM,ARM", help="run only these arms")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="arms trained and measured side by side, each "
+                   "in its own process with the CPU cores shared out (default 1; 2 on a 2-core machine finishes "
+                   "the ablation sooner, since an arm's evaluation and start-up use one core)")
     p.add_argument("--samples", type=int, default=4, metavar="N", help="samples per sampler and arm (default 4)")
     p.add_argument("--steps", type=int, default=32, metavar="S", help="iterative/semi-ar steps (default 32)")
     p.add_argument("--no-export", action="store_true", help="skip exporting each arm with both merge modes")
@@ -42,6 +45,8 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         raise UserError(f"--budget: expected a positive number of tokens, got {args.budget}")
     if args.samples < 0 or args.steps < 1:
         raise UserError("--samples must be >= 0 and --steps >= 1")
+    if not 1 <= args.jobs <= 64:
+        raise UserError(f"--jobs: expected 1 to 64 arms at a time, got {args.jobs}")
     if args.minutes is not None and not 0 < args.minutes < float("inf"):
         raise UserError(f"--minutes: expected a positive number of minutes, got {args.minutes:g}")
 
@@ -50,6 +55,6 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     run_ablation(args.config, out, sets=args.set or [], budget=args.budget, minutes=args.minutes, only=args.only,
-                 samples=args.samples, steps=args.steps, exports=not args.no_export, log=log)
+                 samples=args.samples, steps=args.steps, exports=not args.no_export, jobs=args.jobs, log=log)
     print((out / "ablation.md").read_text())
     log(f"ablate: wrote {out / 'ablation.md'}, {out / 'ablation.json'} and {out / 'ablation.png'}")
