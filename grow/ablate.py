@@ -200,8 +200,12 @@ def measure_arm(run: Path, *, samples: int, steps: int, exports: bool, log: Log)
     report = evaluate_denoiser(loaded, heldout, samples=samples, steps=steps, log=log,
                                score_samples=lambda ids: {"ngram_ppl": judge.perplexity(ids)}, **kw)
     manifests = [s.manifest for s in list_stages(run).values()]
+    from grow.corruption import corruption_for
+
     result: dict[str, Any] = {
         "run": str(run),
+        # replacement noise takes its CE over every token, which does not compare with [MASK] CE
+        "ce_on": "every token" if corruption_for(cfg).loss_on_all else "masked tokens",
         "curriculum": cfg.curriculum.kind, "time": cfg.curriculum.time,
         "stages": len(manifests),
         "tokens": sum(m["tokens_seen"] for m in manifests),
@@ -673,10 +677,15 @@ def conclusions(summary: dict[str, Any]) -> str:
                    + (f"; joint is better at r = {', '.join(f'{r:g}' for r in lvl)}" if lvl else "") + "), "
                    f"at {j['peak_bytes'] / max(g['peak_bytes'], 1):.2f}x growth's peak memory "
                    f"({g['peak_kind']}).")
-    deltas = sorted(((_mean(whole(r)) - gw, n) for n, r in arms.items() if n not in ("grow", "joint")),
+    apart = [n for n, r in arms.items() if r.get("ce_on", "masked tokens") != g.get("ce_on", "masked tokens")]
+    deltas = sorted(((_mean(whole(r)) - gw, n) for n, r in arms.items() if n not in ("grow", "joint", *apart)),
                     reverse=True)
     for d, n in deltas:
         out.append(f"`{n}` ({arms[n]['what']}) {cmp(d)} growth as configured by {abs(d):.4f} nats.")
+    if apart:
+        out.append(f"{', '.join(f'`{n}`' for n in apart)} take their CE over {arms[apart[0]]['ce_on']}, not "
+                   f"over {g.get('ce_on', 'masked tokens')} as `grow` does, so their CE is not compared; their "
+                   "samples are, by the bigram judge.")
     best = min(arms, key=lambda n: arms[n]["samples"].get("iterative", {}).get("ngram_ppl", float("inf")))
     it = arms[best]["samples"].get("iterative")
     if it:

@@ -241,3 +241,19 @@ def test_minutes_calibrate_once_and_every_call_keeps_the_budget(tmp_path, corpus
         err = last_line(capsys.readouterr().err)
         assert err.startswith(f"grow: error: {named}: ") and f"continue it with --budget {8 * step} or --minutes" in err
     assert (budget_file.read_text(), budget_file.stat().st_mtime_ns) == fixed
+
+
+def test_conclusions_do_not_compare_ce_taken_over_other_tokens():
+    from grow.ablate import conclusions
+
+    def arm(ce, on, ppl):
+        return {"what": "x", "ce_on": on, "levels": [{"whole": ce}], "peak_bytes": 1, "peak_kind": "rss",
+                "samples": {"iterative": {"ngram_ppl": ppl, "repetition": 0.1}}}
+
+    summary = {"schedule": [1.0], "arms": {"grow": arm(5.0, "masked tokens", 50.0),
+                                           "no-gamma": arm(4.9, "masked tokens", 60.0),
+                                           "uniform": arm(1.0, "every token", 40.0)}}
+    text = conclusions(summary)
+    assert "`no-gamma` (x) beats growth as configured by 0.1000 nats" in text
+    assert "`uniform` (x)" not in text and "`uniform` take their CE over every token" in text
+    assert "come from `uniform`" in text  # samples are still judged alike
