@@ -37,12 +37,22 @@ attention -- no T x T score matrix -- whose log-sum-exp adds 4*n_h bytes per blo
     trained block        6h + 2kv + 4I   (block input, attention norm output, q, k, v,
                                           attention output, MLP input, MLP norm output,
                                           gate, silu(gate), up, silu(gate)*up)
-    frozen block         4h + 2kv + 3I   (what input-gradients need: bitsandbytes' 4-bit
-                                          matmul keeps only its weight, not its input)
-      + trainable LoRA   the inputs of targeted linears (+h for q/k/v, +h for gate/up,
-                                          +I for down_proj) and r per target (A x)
+    frozen block         counted from what autograd saves (measured on CPU, tests/test_plan.py),
+                         with f the residual stream's bytes (4 over fp32 master weights, 2
+                         when the model is 16-bit under DeepSpeed):
+                         4*(2h + 2)          the two RMSNorms' fp32 inputs and rsqrt
+                         + a*(2 h_q + 2kv) + 4 n_h   q, k, v and output of fused SDPA, LSE
+                         + 3I*f (NF4) or 3I*a (frozen in full precision): gate, silu(gate),
+                                             up -- bitsandbytes' 4-bit linear returns the dtype
+                                             of its input (the fp32 norm output under bf16
+                                             autocast) and keeps only its weight for backward
+      + trainable LoRA   the inputs of targeted linears, in the compute dtype: under bf16
+                         autocast over fp32 weights one cast copy per target (h each for
+                         q/k/v/gate/up), else one shared h for q/k/v and one for gate/up;
+                         +I for down_proj; none for o_proj (its input is the attention output,
+                         kept already); and r per target (A x)
     suffix, no checkpointing   the sum over the s suffix blocks
-    suffix, checkpointed       h per suffix block (boundary hidden states) + one frozen
+    suffix, checkpointed       h*f per suffix block (boundary hidden states) + one frozen
                                block's activations recomputed in backward (the largest),
                                less its input, which is one of the boundary states
     logits               grow applies the head only at masked positions, m = ceil(r_k*T)
@@ -220,17 +230,36 @@ def trained_block_activation_bytes(m: ModelConfig, a: int) -> int:
     return a * (6 * h + 2 * kv + 4 * inter) + 4 * m.num_heads
 
 
-def frozen_block_activation_bytes(m: ModelConfig, a: int, lora: LoraConfig | None) -> int:
-    """Bytes per token a frozen block keeps for input-gradients; ``lora`` = its trainable adapter."""
+def frozen_block_activation_bytes(m: ModelConfig, a: int, lora: LoraConfig | None, *, residual: int = 4,
+                                  quantized: bool = True) -> int:
+    """Bytes per token a frozen block keeps for input-gradients; ``lora`` = its trainable adapter.
+
+    ``a`` is the compute dtype's size, ``residual`` the residual stream's (the dtype of the final
+    norm: 4 over fp32 master weights, 2 only when the model itself is 16-bit, DeepSpeed bf16).
+    Counted from what autograd saves (tests/test_plan.py measures it; see the module doc).
+    """
     h, kv, inter = m.hidden_size, m.num_kv_heads * m.head_dim, m.intermediate_size
-    elements = 4 * h + 2 * kv + 3 * inter
+    h_q = m.num_heads * m.head_dim
+    # RMSNorm (x2) keeps its input in fp32 and the fp32 rsqrt per token.
+    total = 2 * 4 * (h + 1)
+    # Attention: q, k, v as SDPA receives them (autocast casts them to the compute dtype), its
+    # output, and the fused kernel's fp32 log-sum-exp per head.
+    total += a * (2 * h_q + 2 * kv) + 4 * m.num_heads
+    # gate, silu(gate), up: a bitsandbytes 4-bit linear returns the dtype of its input (the norm
+    # output, in the residual dtype); a plain linear under autocast returns the compute dtype.
+    total += 3 * inter * (residual if quantized else a)
     if lora is not None:
         targets = set(lora.targets)
-        elements += h * bool(targets & {"q_proj", "k_proj", "v_proj"})
-        elements += h * bool(targets & {"gate_proj", "up_proj"})
-        elements += inter * ("down_proj" in targets)
-        elements += lora.rank * len(targets)
-    return a * elements + 4 * m.num_heads
+        qkv, gate_up = targets & {"q_proj", "k_proj", "v_proj"}, targets & {"gate_proj", "up_proj"}
+        if residual != a:
+            # Autocast casts the fp32 norm output once per linear it feeds: one copy per adapter.
+            total += a * h * (len(qkv) + len(gate_up))
+        else:
+            total += a * h * (bool(qkv) + bool(gate_up))
+        # down_proj's adapter keeps its input in the compute dtype; o_proj's is the attention
+        # output, kept already; every adapter keeps A x (rank r) for B's weight gradient.
+        total += a * inter * ("down_proj" in targets) + a * lora.rank * len(targets)
+    return total
 
 
 def block_forward_flops(m: ModelConfig, seq_len: int) -> int:
