@@ -309,9 +309,9 @@ def test_activation_terms_follow_the_documented_formulas():
                                   + p.stages[-1].logits)
 
 
-def saved_bytes_per_token(cfg, adapter: str, batch: int) -> int:
+def saved_bytes_per_token(cfg, adapter: str, batch: int, device: str = "cpu") -> int:
     """Bytes autograd saves in one forward of a frozen block built as grow builds a stage's suffix
-    (grow.quant: NF4 + peft LoRA), under the stage's precision (grow.engine.autocast), on CPU.
+    (grow.quant: NF4 + peft LoRA), under the stage's precision (grow.engine.autocast).
 
     Each storage is counted once; parameters, buffers and the rope tables (computed once per
     forward and shared by every block) are left out.
@@ -319,19 +319,20 @@ def saved_bytes_per_token(cfg, adapter: str, batch: int) -> int:
     from grow.engine import autocast
     from grow.quant import add_adapter, quantize_block
 
-    model, k = grow_model(cfg), cfg.model.num_blocks
+    device = torch.device(device)
+    model, k = grow_model(cfg).to(device), cfg.model.num_blocks
     model.prepend_block(model.new_block(k))
     block = model.block(k).requires_grad_(False)
     if cfg.quant.enabled:
-        quantize_block(block, cfg.quant, torch.device("cpu"))
+        quantize_block(block, cfg.quant, device)
     if adapter != "none":
         add_adapter(model, k, cfg.lora)
     model.requires_grad_(False)
     for name, p in block.named_parameters():
         p.requires_grad_("lora_" in name and adapter == "trainable")
     T = cfg.data.seq_len
-    hidden = torch.randn(batch, T, cfg.model.hidden_size, requires_grad=True) * 1.0  # as a trained block's output
-    positions = torch.arange(T).unsqueeze(0)
+    hidden = torch.randn(batch, T, cfg.model.hidden_size, device=device, requires_grad=True) * 1.0  # a block's output
+    positions = torch.arange(T, device=device).unsqueeze(0)
     rope = model.rotary_emb(hidden, position_ids=positions)
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), *rope]}
     saved: dict[int, int] = {}
@@ -341,7 +342,7 @@ def saved_bytes_per_token(cfg, adapter: str, batch: int) -> int:
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with autocast(cfg, torch.device("cpu")), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with autocast(cfg, device), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(hidden, position_embeddings=rope, position_ids=positions)
     return sum(saved.values())
 
@@ -370,6 +371,18 @@ def test_frozen_block_activations_equal_what_autograd_saves(precision, quantized
     planned = frozen_block_activation_bytes(cfg.model, a, cfg.lora if adapter == "trainable" else None,
                                             quantized=quantized)
     assert measured == T * planned
+
+
+@pytest.mark.gpu
+def test_frozen_block_activations_on_cuda_equal_what_autograd_saves():
+    """On CUDA, with every LoRA target (o_proj's adapter input is the attention output there: peft
+    does not round-trip it through fp32 under CUDA autocast), the count holds as on CPU -- and a
+    math SDPA backend, which keeps a T x T matrix, would break it."""
+    from grow.plan.counts import frozen_block_activation_bytes
+
+    cfg = medium(["train.precision=bf16", "data.seq_len=128", "model.max_position_embeddings=128"])
+    measured = saved_bytes_per_token(cfg, "trainable", 2, "cuda") - saved_bytes_per_token(cfg, "trainable", 1, "cuda")
+    assert measured == cfg.data.seq_len * frozen_block_activation_bytes(cfg.model, 2, cfg.lora)
 
 
 def test_flops_per_token_and_wall_time():
