@@ -32,14 +32,18 @@ one adapter; the stage's spec says which train (the lora.blocks nearest the trai
 AdamW (exact for torch.optim.AdamW): exp_avg + exp_avg_sq in fp32 = 8 bytes per parameter,
 plus a 4-byte ``step`` tensor per parameter tensor (it lives on the host; counted anyway).
 
-Activations (estimate; per token, in elements of a bytes, assuming fused SDPA/flash
-attention -- no T x T score matrix -- whose log-sum-exp adds 4*n_h bytes per block):
-    trained block        6h + 2kv + 4I   (block input, attention norm output, q, k, v,
-                                          attention output, MLP input, MLP norm output,
-                                          gate, silu(gate), up, silu(gate)*up)
-    frozen block         counted from what autograd saves (measured on CPU, tests/test_plan.py),
-                         with f the residual stream's bytes (4 over fp32 master weights, 2
-                         when the model is 16-bit under DeepSpeed):
+Activations (estimate; bytes per token, assuming fused SDPA/flash attention -- no T x T score
+matrix -- whose log-sum-exp adds 4*n_h bytes per block; h_q = n_h * head_dim; f = bytes of the
+residual stream, the final norm's dtype: 4 over fp32 master weights, also under bf16 autocast,
+2 when the model itself is 16-bit under DeepSpeed):
+    trained block        counted from what autograd saves (measured on CPU, tests/test_plan.py):
+                         2*(4h + f*h + 4)    the RMSNorms' fp32 inputs, normalized inputs (for
+                                             the norm weights' gradients) and rsqrt
+                         + a*(2 h_q + 2kv) + 4 n_h   q, k, v and output of fused SDPA, LSE
+                         + 4I*a              gate, silu(gate), up, silu(gate)*up
+                         + 5h*a (one autocast copy of the input per q/k/v/gate/up) under bf16
+                           autocast over fp32 weights, else 2h*a (the two norm outputs)
+    frozen block         counted the same way:
                          4*(2h + 2)          the two RMSNorms' fp32 inputs and rsqrt
                          + a*(2 h_q + 2kv) + 4 n_h   q, k, v and output of fused SDPA, LSE
                          + 3I*f (NF4) or 3I*a (frozen in full precision): gate, silu(gate),
@@ -224,10 +228,20 @@ def plan_vocab(cfg: GrowConfig) -> int:
 # --------------------------------------------------------------------------- activations and FLOPs
 
 
-def trained_block_activation_bytes(m: ModelConfig, a: int) -> int:
-    """Bytes per token the trained block keeps for backward (estimate, module doc)."""
+def trained_block_activation_bytes(m: ModelConfig, a: int, *, residual: int = 4) -> int:
+    """Bytes per token the trained block keeps for backward (module doc; measured in tests/test_plan.py)."""
     h, kv, inter = m.hidden_size, m.num_kv_heads * m.head_dim, m.intermediate_size
-    return a * (6 * h + 2 * kv + 4 * inter) + 4 * m.num_heads
+    h_q = m.num_heads * m.head_dim
+    # RMSNorm (x2): the fp32 input, the normalized input (for the norm weight's gradient), rsqrt.
+    total = 2 * (4 * h + residual * h + 4)
+    # Fused SDPA: q, k, v as it receives them, its output (also o_proj's input), fp32 LSE.
+    total += a * (2 * h_q + 2 * kv) + 4 * m.num_heads
+    # gate, silu(gate), up and their product (down_proj's input), in the compute dtype.
+    total += a * 4 * inter
+    # The inputs of q/k/v and gate/up: under bf16 autocast over fp32 weights one cast copy per
+    # linear, else the two norm outputs.
+    total += a * h * (5 if residual != a else 2)
+    return total
 
 
 def frozen_block_activation_bytes(m: ModelConfig, a: int, lora: LoraConfig | None, *, residual: int = 4,

@@ -430,7 +430,7 @@ class _Setup:
         workspace = (n * self._weight_copies() + self._head_copy(trains_ends) + self._dequant(s)
                      + self._gather([P_b] + ([e["embed"], e["head"]] if trains_ends else [])))
         # Activations (estimate).
-        trained = tokens * n * trained_block_activation_bytes(m, self.a)
+        trained = tokens * n * trained_block_activation_bytes(m, self.a, residual=self.residual)
         per_block = [self.frozen_block(lora if k in spec.adapters and lora.enabled else None) for k in live]
         suffix_full, suffix_ckpt = self._suffix_activations(per_block)
         # FLOPs per token.
@@ -469,7 +469,7 @@ class _Setup:
         # bf16 autocast caches a bf16 copy of every fp32 weight it casts, for the whole forward.
         casts = 2 * (L * linear_params(m) + e["head"]) if self.autocast_bf16 else 0
         workspace = casts + self._gather([P_b, e["embed"], e["head"]])
-        tokens, per_block = self.B * self.T, trained_block_activation_bytes(m, self.a)
+        tokens, per_block = self.B * self.T, trained_block_activation_bytes(m, self.a, residual=self.residual)
         acts = tokens * L * per_block
         acts_ckpt = tokens * ((L - 1) * m.hidden_size * self.a + per_block)
         F = block_forward_flops(m, self.T)
