@@ -32,17 +32,31 @@ one adapter; the stage's spec says which train (the lora.blocks nearest the trai
 AdamW (exact for torch.optim.AdamW): exp_avg + exp_avg_sq in fp32 = 8 bytes per parameter,
 plus a 4-byte ``step`` tensor per parameter tensor (it lives on the host; counted anyway).
 
-Activations (estimate; per token, in elements of a bytes, assuming fused SDPA/flash
-attention -- no T x T score matrix -- whose log-sum-exp adds 4*n_h bytes per block):
-    trained block        6h + 2kv + 4I   (block input, attention norm output, q, k, v,
-                                          attention output, MLP input, MLP norm output,
-                                          gate, silu(gate), up, silu(gate)*up)
-    frozen block         4h + 2kv + 3I   (what input-gradients need: bitsandbytes' 4-bit
-                                          matmul keeps only its weight, not its input)
-      + trainable LoRA   the inputs of targeted linears (+h for q/k/v, +h for gate/up,
-                                          +I for down_proj) and r per target (A x)
+Activations (estimate; bytes per token, assuming fused SDPA/flash attention -- no T x T score
+matrix -- whose log-sum-exp adds 4*n_h bytes per block; h_q = n_h * head_dim; f = bytes of the
+residual stream, the final norm's dtype: 4 over fp32 master weights, also under bf16 autocast,
+2 when the model itself is 16-bit under DeepSpeed):
+    trained block        counted from what autograd saves (measured on CPU, tests/test_plan.py):
+                         2*(4h + f*h + 4)    the RMSNorms' fp32 inputs, normalized inputs (for
+                                             the norm weights' gradients) and rsqrt
+                         + a*(2 h_q + 2kv) + 4 n_h   q, k, v and output of fused SDPA, LSE
+                         + 4I*a              gate, silu(gate), up, silu(gate)*up
+                         + 5h*a (one autocast copy of the input per q/k/v/gate/up) under bf16
+                           autocast over fp32 weights, else 2h*a (the two norm outputs)
+    frozen block         counted the same way:
+                         4*(2h + 2)          the two RMSNorms' fp32 inputs and rsqrt
+                         + a*(2 h_q + 2kv) + 4 n_h   q, k, v and output of fused SDPA, LSE
+                         + 3I*f (NF4) or 3I*a (frozen in full precision): gate, silu(gate),
+                                             up -- bitsandbytes' 4-bit linear returns the dtype
+                                             of its input (the fp32 norm output under bf16
+                                             autocast) and keeps only its weight for backward
+      + trainable LoRA   the inputs of targeted linears, in the compute dtype: under bf16
+                         autocast over fp32 weights one cast copy per target (h each for
+                         q/k/v/gate/up), else one shared h for q/k/v and one for gate/up;
+                         +I for down_proj; none for o_proj (its input is the attention output,
+                         kept already); and r per target (A x)
     suffix, no checkpointing   the sum over the s suffix blocks
-    suffix, checkpointed       h per suffix block (boundary hidden states) + one frozen
+    suffix, checkpointed       h*f per suffix block (boundary hidden states) + one frozen
                                block's activations recomputed in backward (the largest),
                                less its input, which is one of the boundary states
     logits               grow applies the head only at masked positions, m = ceil(r_k*T)
@@ -214,23 +228,52 @@ def plan_vocab(cfg: GrowConfig) -> int:
 # --------------------------------------------------------------------------- activations and FLOPs
 
 
-def trained_block_activation_bytes(m: ModelConfig, a: int) -> int:
-    """Bytes per token the trained block keeps for backward (estimate, module doc)."""
+def trained_block_activation_bytes(m: ModelConfig, a: int, *, residual: int = 4) -> int:
+    """Bytes per token the trained block keeps for backward (module doc; measured in tests/test_plan.py)."""
     h, kv, inter = m.hidden_size, m.num_kv_heads * m.head_dim, m.intermediate_size
-    return a * (6 * h + 2 * kv + 4 * inter) + 4 * m.num_heads
+    h_q = m.num_heads * m.head_dim
+    # RMSNorm (x2): the fp32 input, the normalized input (for the norm weight's gradient), rsqrt.
+    total = 2 * (4 * h + residual * h + 4)
+    # Fused SDPA: q, k, v as it receives them, its output (also o_proj's input), fp32 LSE.
+    total += a * (2 * h_q + 2 * kv) + 4 * m.num_heads
+    # gate, silu(gate), up and their product (down_proj's input), in the compute dtype.
+    total += a * 4 * inter
+    # The inputs of q/k/v and gate/up: under bf16 autocast over fp32 weights one cast copy per
+    # linear, else the two norm outputs.
+    total += a * h * (5 if residual != a else 2)
+    return total
 
 
-def frozen_block_activation_bytes(m: ModelConfig, a: int, lora: LoraConfig | None) -> int:
-    """Bytes per token a frozen block keeps for input-gradients; ``lora`` = its trainable adapter."""
+def frozen_block_activation_bytes(m: ModelConfig, a: int, lora: LoraConfig | None, *, residual: int = 4,
+                                  quantized: bool = True) -> int:
+    """Bytes per token a frozen block keeps for input-gradients; ``lora`` = its trainable adapter.
+
+    ``a`` is the compute dtype's size, ``residual`` the residual stream's (the dtype of the final
+    norm: 4 over fp32 master weights, 2 only when the model itself is 16-bit, DeepSpeed bf16).
+    Counted from what autograd saves (tests/test_plan.py measures it; see the module doc).
+    """
     h, kv, inter = m.hidden_size, m.num_kv_heads * m.head_dim, m.intermediate_size
-    elements = 4 * h + 2 * kv + 3 * inter
+    h_q = m.num_heads * m.head_dim
+    # RMSNorm (x2) keeps its input in fp32 and the fp32 rsqrt per token.
+    total = 2 * 4 * (h + 1)
+    # Attention: q, k, v as SDPA receives them (autocast casts them to the compute dtype), its
+    # output, and the fused kernel's fp32 log-sum-exp per head.
+    total += a * (2 * h_q + 2 * kv) + 4 * m.num_heads
+    # gate, silu(gate), up: a bitsandbytes 4-bit linear returns the dtype of its input (the norm
+    # output, in the residual dtype); a plain linear under autocast returns the compute dtype.
+    total += 3 * inter * (residual if quantized else a)
     if lora is not None:
         targets = set(lora.targets)
-        elements += h * bool(targets & {"q_proj", "k_proj", "v_proj"})
-        elements += h * bool(targets & {"gate_proj", "up_proj"})
-        elements += inter * ("down_proj" in targets)
-        elements += lora.rank * len(targets)
-    return a * elements + 4 * m.num_heads
+        qkv, gate_up = targets & {"q_proj", "k_proj", "v_proj"}, targets & {"gate_proj", "up_proj"}
+        if residual != a:
+            # Autocast casts the fp32 norm output once per linear it feeds: one copy per adapter.
+            total += a * h * (len(qkv) + len(gate_up))
+        else:
+            total += a * h * (bool(qkv) + bool(gate_up))
+        # down_proj's adapter keeps its input in the compute dtype; o_proj's is the attention
+        # output, kept already; every adapter keeps A x (rank r) for B's weight gradient.
+        total += a * inter * ("down_proj" in targets) + a * lora.rank * len(targets)
+    return total
 
 
 def block_forward_flops(m: ModelConfig, seq_len: int) -> int:

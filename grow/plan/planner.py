@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from grow.config import GrowConfig, QuantConfig, StabilityConfig
+from grow.config import GrowConfig, LoraConfig, QuantConfig, StabilityConfig
 from grow.curriculum import StageSpec, stage_specs
 from grow.errors import UserError
 from grow.plan.counts import (
@@ -307,6 +307,16 @@ class _Setup:
         return 2 if self.cfg.train.precision == "bf16" else 4
 
     @property
+    def residual(self) -> int:
+        """Bytes of the residual stream: the final norm's dtype, fp32 unless the model itself is 16-bit."""
+        return 2 if self.par.half else 4
+
+    def frozen_block(self, lora: LoraConfig | None) -> int:
+        """Per-token activation bytes of one frozen block (``lora``: its adapter, when it trains)."""
+        return frozen_block_activation_bytes(self.cfg.model, self.a, lora, residual=self.residual,
+                                             quantized=self.cfg.quant.enabled)
+
+    @property
     def autocast_bf16(self) -> bool:
         """Weights in fp32 that bf16 autocast copies (plain PyTorch; DeepSpeed 16-bit already is)."""
         return self.cfg.train.precision == "bf16" and not self.par.half
@@ -377,7 +387,7 @@ class _Setup:
         casts = self._frozen_casts()
         full = tokens * sum(per_block) + casts * len(per_block)
         # The recomputed block's own input is one of the boundary states already counted.
-        ckpt = tokens * (len(per_block) * h * self.a + max(per_block) - h * self.a) + casts
+        ckpt = tokens * (len(per_block) * h * self.residual + max(per_block) - h * self.residual) + casts
         return full, ckpt
 
     def stage(self, spec: StageSpec) -> StagePlan:
@@ -420,9 +430,8 @@ class _Setup:
         workspace = (n * self._weight_copies() + self._head_copy(trains_ends) + self._dequant(s)
                      + self._gather([P_b] + ([e["embed"], e["head"]] if trains_ends else [])))
         # Activations (estimate).
-        trained = tokens * n * trained_block_activation_bytes(m, self.a)
-        per_block = [frozen_block_activation_bytes(m, self.a, lora if k in spec.adapters and lora.enabled else None)
-                     for k in live]
+        trained = tokens * n * trained_block_activation_bytes(m, self.a, residual=self.residual)
+        per_block = [self.frozen_block(lora if k in spec.adapters and lora.enabled else None) for k in live]
         suffix_full, suffix_ckpt = self._suffix_activations(per_block)
         # FLOPs per token.
         F, F_a = block_forward_flops(m, self.T), lora_forward_flops(m, lora)
@@ -460,7 +469,7 @@ class _Setup:
         # bf16 autocast caches a bf16 copy of every fp32 weight it casts, for the whole forward.
         casts = 2 * (L * linear_params(m) + e["head"]) if self.autocast_bf16 else 0
         workspace = casts + self._gather([P_b, e["embed"], e["head"]])
-        tokens, per_block = self.B * self.T, trained_block_activation_bytes(m, self.a)
+        tokens, per_block = self.B * self.T, trained_block_activation_bytes(m, self.a, residual=self.residual)
         acts = tokens * L * per_block
         acts_ckpt = tokens * ((L - 1) * m.hidden_size * self.a + per_block)
         F = block_forward_flops(m, self.T)
@@ -483,10 +492,10 @@ class _Setup:
         lora_state = trainable_states(L * n_lora, L * lora_tensors(cfg.lora), self.par, always_fp32=True)
         dequant = max(lin.params for lin in block_linears(m)) * DTYPE_BYTES[quant.compute_dtype]
         workspace = dequant + self._head_copy(False)
-        per_block = [frozen_block_activation_bytes(m, self.a, cfg.lora)] * L
+        per_block = [frozen_block_activation_bytes(m, self.a, cfg.lora, residual=self.residual)] * L
         tokens = self.B * self.T
         acts = tokens * sum(per_block)
-        acts_ckpt = tokens * ((L - 1) * m.hidden_size * self.a + per_block[0])
+        acts_ckpt = tokens * ((L - 1) * m.hidden_size * self.residual + per_block[0])
         F, F_a = block_forward_flops(m, self.T), lora_forward_flops(m, cfg.lora)
         r_mean = sum(ratios) / len(ratios)
         F_h = 2 * m.hidden_size * self.vocab * r_mean
