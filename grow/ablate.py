@@ -526,6 +526,7 @@ def run_ablation(config: str, out: Path, *, sets: Sequence[str] = (), budget: in
             log(f"ablate: [{i}/{len(arms)}] {arm.name}: skipped ({exc})")
             continue
         todo.append((arm, run, arm_sets))
+    earlier = set(results)
     kw = dict(budget=budget, samples=samples, steps=steps, exports=exports)
     if todo and tokenizer is None:
         # Every arm reads the same tokens with one tokenizer: the first arm's, trained before the
@@ -539,6 +540,11 @@ def run_ablation(config: str, out: Path, *, sets: Sequence[str] = (), budget: in
             log(f"ablate: {arm.name}: {exc}")
         tokenizer = run / "tokenizer" if (run / "tokenizer").is_dir() else None
     todo = [(a, r, [*s, f"data.tokenizer={tokenizer}"] if tokenizer else s) for a, r, s in todo]
+    if jobs > 1 and len(todo) > jobs:
+        # Longest first (by the planner's FLOPs per token), so that no long arm is left to run
+        # alone at the end while the other cores idle.
+        factors = chosen.get("factors") or cost_factors(config, sets, [a for a, _, _ in todo], log)
+        todo.sort(key=lambda t: -factors.get(t[0].name, 1.0))
     if jobs <= 1:
         for arm, run, arm_sets in todo:
             log(f"ablate: {arm.name}: {arm.what}")
@@ -565,6 +571,10 @@ def run_ablation(config: str, out: Path, *, sets: Sequence[str] = (), budget: in
                 except UserError as exc:
                     skipped[arm.name] = str(exc)
                     log(f"ablate: {arm.name}: {exc}")
+    previous = out / "ablation.json"
+    calls = json.loads(previous.read_text()).get("calls", []) if previous.is_file() else []
+    calls.append({"seconds": time.perf_counter() - started, "jobs": jobs,
+                  "arms": [n for n in results if n not in earlier]})
     order = [a.name for a in arms]
     results = {n: results[n] for n in order if n in results}
     calibration = chosen["calibration"] or {}
@@ -572,7 +582,7 @@ def run_ablation(config: str, out: Path, *, sets: Sequence[str] = (), budget: in
                "schedule": base.ratios(), "arms": results, "skipped": skipped, "jobs": jobs,
                "threads_per_job": threads,
                # what this call took, its calibration included; arms done by earlier calls are not in it
-               "wall_seconds": time.perf_counter() - started,
+               "wall_seconds": calls[-1]["seconds"], "calls": calls,
                "arm_seconds": sum(r.get("wall_seconds", 0.0) for r in results.values())}
     (out / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "ablation.md").write_text(render_markdown(summary))
@@ -598,6 +608,13 @@ def path(result: dict[str, Any]) -> list[float] | None:
     return [e["path"] for e in result["levels"]]
 
 
+def judged(result: dict[str, Any]) -> dict[str, Any]:
+    """The samples the bigram judge compares: the iterative sampler's, or, for a replacement-noise
+    model (which has no [MASK] to unmask), the refine sampler's."""
+    s = result["samples"]
+    return s.get("iterative") or s.get("refine") or {}
+
+
 def render_markdown(summary: dict[str, Any]) -> str:
     arms = summary["arms"]
     ratios = summary["schedule"]
@@ -608,7 +625,10 @@ def render_markdown(summary: dict[str, Any]) -> str:
     if summary.get("wall_seconds"):
         c = (summary.get("budget") or {}).get("calibration")
         jobs = summary.get("jobs", 1)
-        lines += [f"Wall time of the call that wrote this: {summary['wall_seconds']:,.0f} s"
+        calls = summary.get("calls", [])
+        lines += [(f"Wall time: {sum(k['seconds'] for k in calls):,.0f} s over {len(calls)} calls of the same "
+                   f"command (the last, which wrote this, {summary['wall_seconds']:,.0f} s)" if len(calls) > 1 else
+                   f"Wall time of the call that wrote this: {summary['wall_seconds']:,.0f} s")
                   + (f"; the calibration took {c['seconds']:.0f} s" if c else "")
                   + (f"; arms ran {jobs} at a time, {summary['threads_per_job']} thread(s) each"
                      if jobs > 1 else "")
@@ -617,20 +637,22 @@ def render_markdown(summary: dict[str, Any]) -> str:
               "(what an export and the iterative / semi-AR samplers run) and through each level's own path "
               "(what the depth sampler runs); the MDLM bound of the whole stack; samples' perplexity under a "
               "bigram model of the training split (lower = more corpus-like), distinct bigrams and 4-gram "
-              "repetition of iterative samples.", "",
+              "repetition of iterative samples (refine samples for uniform and duo, which have no [MASK] to unmask).", "",
               "| arm | what | tokens | train s | wall s | peak | whole CE | path CE | bits/token | sample n-gram ppl | "
-              "distinct-2 | repetition | depth tok/s | iterative tok/s | semi-ar tok/s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "distinct-2 | repetition | depth tok/s | iterative tok/s | semi-ar tok/s | refine tok/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in arms.items():
         p = path(r)
-        it = r["samples"].get("iterative", {})
+        it = judged(r)
         tps = [f"{r['samples'][m]['tokens_per_s']:.0f}" if m in r["samples"] else "-"
-               for m in ("depth", "iterative", "semi-ar")]
+               for m in ("depth", "iterative", "semi-ar", "refine")]
         wall = f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "-"  # not recorded before --minutes
+        # replacement noise has no MDLM bound: its CE is over every token, not a masking ELBO
+        bits = f"{r['elbo']['bits_per_token']:.3f}" if r.get("elbo") else "-"
         lines.append(
             f"| {name} | {r['what']} | {r['tokens']:,} | {r['train_seconds']:.0f} | "
             f"{wall} | {r['peak_bytes'] / 2**20:.0f} MiB | "
-            f"{_mean(whole(r)):.4f} | {f'{_mean(p):.4f}' if p else '-'} | {r['elbo']['bits_per_token']:.3f} | "
+            f"{_mean(whole(r)):.4f} | {f'{_mean(p):.4f}' if p else '-'} | {bits} | "
             f"{it.get('ngram_ppl', float('nan')):.1f} | {it.get('distinct_2', float('nan')):.3f} | "
             f"{it.get('repetition', float('nan')):.3f} | {' | '.join(tps)} |")
     header = "| arm | " + " | ".join(f"r={r:g}" for r in ratios) + " |"
@@ -686,11 +708,11 @@ def conclusions(summary: dict[str, Any]) -> str:
         out.append(f"{', '.join(f'`{n}`' for n in apart)} take their CE over {arms[apart[0]]['ce_on']}, not "
                    f"over {g.get('ce_on', 'masked tokens')} as `grow` does, so their CE is not compared; their "
                    "samples are, by the bigram judge.")
-    best = min(arms, key=lambda n: arms[n]["samples"].get("iterative", {}).get("ngram_ppl", float("inf")))
-    it = arms[best]["samples"].get("iterative")
+    best = min(arms, key=lambda n: judged(arms[n]).get("ngram_ppl", float("inf")))
+    it = judged(arms[best])
     if it:
         # A bigram judge rewards frequent pairs, repeated ones included: say how repetitive they are.
-        out.append(f"The most corpus-like iterative samples by the bigram judge come from `{best}` (perplexity "
+        out.append(f"The most corpus-like samples by the bigram judge come from `{best}` (perplexity "
                    f"{it['ngram_ppl']:.1f}, 4-gram repetition {it['repetition']:.2f}"
                    + ("; that low perplexity is mostly repeated frequent pairs" if it["repetition"] > 0.3 else "")
                    + ").")

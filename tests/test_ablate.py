@@ -257,3 +257,17 @@ def test_conclusions_do_not_compare_ce_taken_over_other_tokens():
     assert "`no-gamma` (x) beats growth as configured by 0.1000 nats" in text
     assert "`uniform` (x)" not in text and "`uniform` take their CE over every token" in text
     assert "come from `uniform`" in text  # samples are still judged alike
+
+
+def test_report_of_a_replacement_noise_arm_has_no_bound_and_judges_its_refine_samples():
+    from grow.ablate import render_markdown
+
+    stats = {"ngram_ppl": 99.0, "distinct_2": 0.5, "repetition": 0.25, "tokens_per_s": 10.0}
+    uniform = {"what": "u", "ce_on": "every token", "tokens": 8, "train_seconds": 1.0, "peak_bytes": 2**20,
+               "peak_kind": "rss", "levels": [{"whole": 3.0, "path": 3.1}], "elbo": None,
+               "samples": {"refine": stats}, "exports": {}}
+    md = render_markdown({"config": "c", "budget_tokens": 8, "schedule": [1.0], "skipped": {},
+                          "arms": {"uniform": uniform}})
+    row = next(line for line in md.splitlines() if line.startswith("| uniform | u |"))
+    # bits/token "-", the refine samples judged, and their throughput in the refine column
+    assert "| 3.0000 | 3.1000 | - | 99.0 | 0.500 | 0.250 | - | - | - | 10 |" in row

@@ -252,3 +252,7 @@ def test_plan_runs_the_head_on_every_token_for_replacement_noise(corpus_file):
     for a, b, c in zip(mask.stages, uniform.stages, duo.stages):
         assert b.flops_per_token > a.flops_per_token and b.logits >= a.logits
         assert c.logits == b.logits + 8 * duo.micro_batch * duo.seq_len * duo.vocab
+        # duo's soft tokens: a (V x h) matmul per token, and its table gradient where the ends train
+        soft = 2 * duo.cfg.model.hidden_size * duo.vocab
+        trains_ends = c.name == duo.stages[0].name
+        assert c.flops_per_token == b.flops_per_token + soft * (2 if trains_ends else 1)

@@ -68,11 +68,14 @@ residual stream, the final norm's dtype: 4 over fp32 master weights, also under 
 FLOPs per token (of the T tokens in a sequence):
     block forward        F = 2*P_lin + 4*T*h          (QK^T and AV: 2*T*h each, bidirectional)
     LoRA forward         F_a = sum over targets of 2*r*(in + out)
-    head forward         F_h = 2*h*V*r_k              (masked positions only)
-    stage k              forward F + s*(F + F_a) + F_h
+    head forward         F_h = 2*h*V*r_k              (masked positions only; every position
+                                                       for replacement noise)
+    duo soft tokens      F_s = 2*h*V                  (softmax of the noisy one-hot times the
+                                                       embedding table; backward only at stage L)
+    stage k              forward F + s*(F + F_a) + F_h (+ F_s)
                          backward 2F (trained block: input + weight grads) + s*F (input
                          grads through the frozen suffix) + 2*F_a per trainable adapter,
-                         F_a per frozen one + (2 F_h at stage L, else F_h)
+                         F_a per frozen one + (2 F_h at stage L, else F_h) (+ F_s at stage L)
                          + s*(F + F_a) recomputation when the suffix is checkpointed
     wall time            sum over stages of steps_k * batch_size * T * FLOPs_k / (N * throughput)
 """

@@ -439,10 +439,14 @@ class _Setup:
         every = cfg.objective.corruption in ("uniform", "duo")
         F_h = 2 * m.hidden_size * self.vocab * masked_positions(1.0 if every else spec.noise.representative,
                                                                 self.T) / self.T
+        # duo: the network reads soft tokens, softmax(noisy one-hot) @ embedding table, a (V x h)
+        # matmul per token; backward only for the table's gradient, when the ends train.
+        F_s = 2 * m.hidden_size * self.vocab if cfg.objective.corruption == "duo" else 0
         adapted_live = len(live) if lora.enabled else 0
-        forward = (n + s) * F + adapted * F_a + F_h
+        forward = (n + s) * F + adapted * F_a + F_h + F_s
         backward = (2 * n * F + len(live) * F + 2 * trainable_adapters * F_a
-                    + (adapted_live - trainable_adapters) * F_a + (2 if trains_ends else 1) * F_h)
+                    + (adapted_live - trainable_adapters) * F_a + (2 if trains_ends else 1) * F_h
+                    + (F_s if trains_ends else 0))
         recompute = (len(live) * F + adapted_live * F_a) if self.ckpt else 0
         trainable = n * (P_b + t_b) + (sum(e.values()) if trains_ends else 0) + trainable_adapters * n_lora
         return StagePlan(
