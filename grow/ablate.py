@@ -720,21 +720,30 @@ def conclusions(summary: dict[str, Any]) -> str:
 
 
 def plot(summary: dict[str, Any], path_png: Path) -> None:
+    """CE per level per arm: [MASK] arms on the left; arms whose CE covers every token (replacement
+    noise), which would squash the others' scale and do not compare with them, on the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ratios = summary["schedule"]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    groups = {}
     for n, r in summary["arms"].items():
-        (line,) = ax.plot(ratios, whole(r), marker="o", label=f"{n} (whole stack)")
-        if path(r):
-            ax.plot(ratios, path(r), linestyle="--", color=line.get_color(), alpha=0.6)
-    ax.set_xlabel("noise level r (fraction masked)")
-    ax.set_ylabel("held-out masked CE (nats/token)")
-    ax.set_title("CE per level per arm (dashed: each level's own path)")
-    ax.legend(fontsize=7)
+        groups.setdefault(r.get("ce_on", "masked tokens"), []).append(n)
+    fig, axes = plt.subplots(1, len(groups), figsize=(8 + 4 * (len(groups) - 1), 5.5), squeeze=False)
+    colors = plt.get_cmap("tab20").colors  # one colour per arm, up to twenty
+    for ax, (ce_on, names) in zip(axes[0], groups.items()):
+        for n in names:
+            r = summary["arms"][n]
+            color = colors[list(summary["arms"]).index(n) % len(colors)]
+            ax.plot(ratios, whole(r), marker="o", color=color, label=n)
+            if path(r):
+                ax.plot(ratios, path(r), linestyle="--", color=color, alpha=0.6)
+        ax.set_xlabel("noise level r")
+        ax.set_ylabel(f"held-out CE over {ce_on} (nats/token)")
+        ax.legend(fontsize=7)
+    fig.suptitle("CE per level per arm, whole stack (dashed: each level's own path)")
     fig.tight_layout()
     fig.savefig(path_png, dpi=120)
     plt.close(fig)
