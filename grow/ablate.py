@@ -185,7 +185,6 @@ def measure_arm(run: Path, *, samples: int, steps: int, exports: bool, log: Log)
 
     from grow.data import load_corpus
     from grow.evaluate import evaluate_denoiser
-    from grow.export import export_run
     from grow.inference import load_denoiser
     from grow.store import list_stages
 
@@ -218,6 +217,20 @@ def measure_arm(run: Path, *, samples: int, steps: int, exports: bool, log: Log)
         "exports": {},
     }
     if exports:
+        _measure_exports(run, result, heldout, kw)
+    return result
+
+
+def _measure_exports(run: Path, result: dict[str, Any], heldout, kw: dict[str, Any]) -> None:
+    """The whole stack of both export merge modes, or why the run has no stock export."""
+    from transformers.utils import logging as hf_logging
+
+    from grow.evaluate import evaluate_denoiser
+    from grow.export import export_run
+    from grow.inference import load_denoiser
+
+    hf_logging.disable_progress_bar()  # shard-writing and weight-loading bars, two per export
+    try:
         for merge in ("dequantized", "original"):
             out = run.parent / f"{run.name}.export-{merge}"
             try:
@@ -230,7 +243,8 @@ def measure_arm(run: Path, *, samples: int, steps: int, exports: bool, log: Log)
             hf = load_denoiser(out, log=lambda s: None)
             levels = evaluate_denoiser(hf, heldout, levels_only=True, **kw)["levels"]
             result["exports"][merge] = [e["whole"] for e in levels]
-    return result
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------- --minutes
@@ -577,7 +591,6 @@ def run_ablation(config: str, out: Path, *, sets: Sequence[str] = (), budget: in
                   "arms": [n for n in results if n not in earlier]})
     order = [a.name for a in arms]
     results = {n: results[n] for n in order if n in results}
-    calibration = chosen["calibration"] or {}
     summary = {"config": config, "sets": list(sets), "budget_tokens": budget, "budget": chosen,
                "schedule": base.ratios(), "arms": results, "skipped": skipped, "jobs": jobs,
                "threads_per_job": threads,
