@@ -93,14 +93,17 @@ def stage_steps(cfg) -> int:
     return sum(spec.steps for spec in stage_specs(cfg))
 
 
+def tokens_per_step(cfg) -> int:
+    return cfg.train.batch_size * cfg.data.seq_len
+
+
 def budget_sets(config: str, sets: Sequence[str], budget: int) -> list[str]:
     """Overrides that give this arm ``budget`` training tokens (steps x batch x seq_len over all
     its stages), keeping the config's shares between stages."""
     from grow.config import load_config
 
     cfg = load_config(config, list(sets))
-    per_step = cfg.train.batch_size * cfg.data.seq_len
-    target = max(1, round(budget / per_step))
+    target = max(1, round(budget / tokens_per_step(cfg)))
     growth = [cfg.steps_for(k) for k in range(1, cfg.model.num_blocks + 1)]
     c = cfg.curriculum
     # The steps a curriculum spends beyond train.steps (periodic joint stages, the final stage)
@@ -183,6 +186,7 @@ def measure_arm(run: Path, *, samples: int, steps: int, exports: bool, log: Log)
     """Every figure of one finished arm (see the module docstring)."""
     import torch
 
+    from grow.corruption import corruption_for
     from grow.data import load_corpus
     from grow.evaluate import evaluate_denoiser
     from grow.inference import load_denoiser
@@ -199,8 +203,6 @@ def measure_arm(run: Path, *, samples: int, steps: int, exports: bool, log: Log)
     report = evaluate_denoiser(loaded, heldout, samples=samples, steps=steps, log=log,
                                score_samples=lambda ids: {"ngram_ppl": judge.perplexity(ids)}, **kw)
     manifests = [s.manifest for s in list_stages(run).values()]
-    from grow.corruption import corruption_for
-
     result: dict[str, Any] = {
         "run": str(run),
         # replacement noise takes its CE over every token, which does not compare with [MASK] CE
@@ -254,10 +256,6 @@ PROBE_STEPS = 3  # optimizer steps per stage of the calibration probe: enough th
 # one-time costs do not dominate its per-token time, few enough to cost seconds at the tiny shape
 
 
-def tokens_per_step(cfg) -> int:
-    return cfg.train.batch_size * cfg.data.seq_len
-
-
 def cost_factors(config: str, sets: Sequence[str], arms: Sequence[Arm], log: Log) -> dict[str, float]:
     """Each arm's training FLOPs per token relative to the configured growth's, from the planner
     (its stages' tokens and FLOPs per token at the config's own shares, which ``budget_sets``
@@ -297,10 +295,12 @@ def calibrate(config: str, out: Path, sets: Sequence[str], *, samples: int, step
     import time
     from dataclasses import replace
 
+    import torch
+
     from grow.config import load_config
     from grow.curriculum import stage_specs
     from grow.data import load_corpus
-    from grow.store import list_stages, write_json_atomic
+    from grow.store import write_json_atomic
 
     where = out / "calibration"
     record = where / "calibration.json"
@@ -328,22 +328,19 @@ def calibrate(config: str, out: Path, sets: Sequence[str], *, samples: int, step
     probe_sets = [*sets, *budget_sets(config, sets, probe), f"data.tokenizer={tok}"]
     log(f"ablate: calibration: growing the configured growth on {probe:,} tokens in {run}")
     start = time.perf_counter()
-    threads = threads_per_job(jobs) if jobs > 1 else None
+    threads = threads_per_job(jobs)
     train_arm(run, config, probe_sets, log, threads=threads)
     probe_seconds = time.perf_counter() - start
-    manifests = [s.manifest for s in list_stages(run).values()]
-    train_seconds = sum(m.get("train_seconds", 0.0) for m in manifests)
-    tokens = sum(m["tokens_seen"] for m in manifests)
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     start = time.perf_counter()
     try:
-        measure_arm(run, samples=samples, steps=steps, exports=exports, log=lambda s: None)
+        measured = measure_arm(run, samples=samples, steps=steps, exports=exports, log=lambda s: None)
     finally:
         torch.set_num_threads(before)
     measure_seconds = time.perf_counter() - start
+    # the stage manifests' totals, as measure_arm reads them for every arm
+    train_seconds, tokens = measured["train_seconds"], measured["tokens"]
     for export in where.glob("run.export-*"):  # timed; nothing reads them
         shutil.rmtree(export)
     found = key | {
@@ -457,8 +454,11 @@ def describe_budget(b: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- the whole ablation
 
 
-def threads_per_job(jobs: int) -> int:
-    """CPU threads for each of ``jobs`` arms that run side by side: the cores shared out."""
+def threads_per_job(jobs: int) -> int | None:
+    """CPU threads for each of ``jobs`` arms that run side by side: the cores shared out; None
+    for one arm at a time, which runs on the threads it would have anyway."""
+    if jobs <= 1:
+        return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // jobs)
 
@@ -474,10 +474,9 @@ def run_arm(arm: Arm, run: Path, config: str, arm_sets: Sequence[str], *, budget
               **measure_arm(run, samples=samples, steps=steps, exports=exports, log=log)}
     # training (since its resume, for an arm a killed ablation left unfinished) and measuring
     result["wall_seconds"] = time.perf_counter() - start
-    done = run / "ablation.json"
-    tmp = done.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(done)  # an arm counts as measured only once this file exists
+    from grow.store import write_json_atomic
+
+    write_json_atomic(run / "ablation.json", result)  # an arm counts as measured only once this file exists
     return result
 
 
@@ -514,7 +513,7 @@ def run_ablation(config: str, out: Path, *, sets: Sequence[str] = (), budget: in
     base = load_config(config, list(sets))  # the user's config must be valid on its own
     arms = choose_arms(only)
     out.mkdir(parents=True, exist_ok=True)
-    threads = threads_per_job(jobs) if jobs > 1 else None
+    threads = threads_per_job(jobs)
     chosen = settle_budget(config, out, base, arms, sets=sets, budget=budget, minutes=minutes, samples=samples,
                            steps=steps, exports=exports, jobs=jobs, log=log)
     budget = chosen["budget_tokens"]
@@ -542,16 +541,20 @@ def run_ablation(config: str, out: Path, *, sets: Sequence[str] = (), budget: in
         todo.append((arm, run, arm_sets))
     earlier = set(results)
     kw = dict(budget=budget, samples=samples, steps=steps, exports=exports)
-    if todo and tokenizer is None:
-        # Every arm reads the same tokens with one tokenizer: the first arm's, trained before the
-        # others start (arms side by side would each train their own).
-        arm, run, arm_sets = todo.pop(0)
+
+    def here(arm: Arm, run: Path, arm_sets: list[str]) -> None:
         log(f"ablate: {arm.name}: {arm.what}")
         try:
             results[arm.name] = run_arm(arm, run, config, arm_sets, **kw, log=log)
         except UserError as exc:  # one arm that cannot train does not cost the others
             skipped[arm.name] = str(exc)
             log(f"ablate: {arm.name}: {exc}")
+
+    if todo and tokenizer is None:
+        # Every arm reads the same tokens with one tokenizer: the first arm's, trained before the
+        # others start (arms side by side would each train their own).
+        arm, run, arm_sets = todo.pop(0)
+        here(arm, run, arm_sets)
         tokenizer = run / "tokenizer" if (run / "tokenizer").is_dir() else None
     todo = [(a, r, [*s, f"data.tokenizer={tokenizer}"] if tokenizer else s) for a, r, s in todo]
     if jobs > 1 and len(todo) > jobs:
@@ -561,12 +564,7 @@ def run_ablation(config: str, out: Path, *, sets: Sequence[str] = (), budget: in
         todo.sort(key=lambda t: -factors.get(t[0].name, 1.0))
     if jobs <= 1:
         for arm, run, arm_sets in todo:
-            log(f"ablate: {arm.name}: {arm.what}")
-            try:
-                results[arm.name] = run_arm(arm, run, config, arm_sets, **kw, log=log)
-            except UserError as exc:
-                skipped[arm.name] = str(exc)
-                log(f"ablate: {arm.name}: {exc}")
+            here(arm, run, arm_sets)
     elif todo:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
