@@ -64,6 +64,7 @@ def main() -> None:
 
     from grow.config import load_config
     from grow.plan import plan
+    from grow.store import list_stages
 
     sets = [f"train.steps={args.steps}", f"train.log_every={args.log_every}", "train.eval_batches=1",
             "schedule.ratios=null"]
@@ -75,7 +76,6 @@ def main() -> None:
     if args.batch:
         sets += [f"train.batch_size={args.batch}", "train.micro_batch_size=null"]
     sets += args.set
-    cfg = load_config(ROOT / args.config, sets)
     run = Path(args.out or tempfile.mkdtemp(prefix="grow-throughput-")) / "run"
     cmd = [sys.executable, "-m", "grow", "train", str(ROOT / args.config), "--out", str(run),
            *[x for s in sets for x in ("--set", s)]]
@@ -94,6 +94,7 @@ def main() -> None:
     vocab = Tokenizer.from_file(str(run / "tokenizer" / "tokenizer.json")).get_vocab_size()
     cfg = load_config(ROOT / args.config, [*sets, f"model.vocab_size={vocab}"])
     predicted = plan(cfg, gpus=1)
+    peaks = {s.path.name: s.manifest["memory"]["peak_bytes"] / 2**30 for s in list_stages(run).values()}
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     m = cfg.model
     print(f"\n{args.config}: {m.num_blocks} blocks x hidden {m.hidden_size}, vocab {vocab}, batch {cfg.train.batch_size} x "
@@ -112,10 +113,7 @@ def main() -> None:
         ms = statistics.median(steady)
         tok_s = tokens_per_step / (ms / 1000)
         tflops = tok_s * stage.flops_per_token / 1e12
-        stage_dir = next(run.glob(f"{stage.name}*"), None)
-        peak = None
-        if stage_dir is not None and (stage_dir / "manifest.json").is_file():
-            peak = json.loads((stage_dir / "manifest.json").read_text())["memory"]["peak_bytes"] / 2**30
+        peak = peaks.get(stage.name)
         trains = ",".join(str(k) for k in stage.extra.get("trains", [])) or "adapters"
         if len(trains) > 9:
             trains = f"{len(stage.extra['trains'])} blocks"
@@ -128,8 +126,8 @@ def main() -> None:
               + (f" {100 * row['mfu_of_matmul']:>8.1f}%" if ceiling else "")
               + (f" {peak:>8.2f}" if peak is not None else f" {'-':>8}"))
     if rows:
-        weighted = sum(r["tflops"] for r in rows) / len(rows)
-        print(f"mean over stages: {weighted:.1f} TFLOP/s, MFU {100 * weighted / args.peak:.1f}%")
+        mean = sum(r["tflops"] for r in rows) / len(rows)
+        print(f"mean over stages: {mean:.1f} TFLOP/s, MFU {100 * mean / args.peak:.1f}%")
     if args.json:
         Path(args.json).write_text(json.dumps({"config": args.config, "sets": sets, "peak_tflops": args.peak,
                                                "matmul_tflops": ceiling, "tokens_per_step": tokens_per_step,
