@@ -13,7 +13,7 @@ def add_ablate_parser(sub) -> None:
     from grow.ablate import arm_names
 
     p = sub.add_parser("ablate", help="growth against the joint baseline, every part switched off in turn",
-                       description="Train the arms one after another on the same data, shape, tokenizer, seed and "
+                       description="Train the arms (one after another, or --jobs at a time) on the same data, shape, tokenizer, seed and "
                        "token budget, each as an ordinary run in OUT/arms/NAME, measure every arm the same way "
                        "(CE per level through each path and the whole stack, the MDLM bound, sample statistics "
                        "with a bigram judge, throughput, time, memory, both export merges) and write "
